@@ -1,0 +1,22 @@
+"""Win / Win2-accelerated optimizers: one shared mechanism (``_win``), thin base optimizers."""
+
+from ._base import WinOptimizer
+from ._win import MODES
+from .adam import Adam
+from .adamw import AdamW
+from .adan import Adan
+from .lamb import LAMB
+from .sgd import SGD
+
+# Drop-in names of the authors' public code (same constructor keywords).
+AdamW_Win = AdamW
+Adam_Win = Adam
+LAMB_Win = LAMB
+Lamb_Win = LAMB
+SGD_Win = SGD
+Adan_Win = Adan
+
+__all__ = [
+    "MODES", "WinOptimizer", "AdamW", "Adam", "LAMB", "SGD", "Adan",
+    "AdamW_Win", "Adam_Win", "LAMB_Win", "Lamb_Win", "SGD_Win", "Adan_Win",
+]

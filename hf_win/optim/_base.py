@@ -1,0 +1,243 @@
+"""``WinOptimizer``: the machinery shared by every Win-accelerated base optimizer.
+
+A base optimizer (``adamw.py``, ``adam.py``, ...) is a subclass that declares
+
+- ``_state_keys(group)``: the names of its own per-parameter buffers, created by ``_init_state``;
+- ``_integrated_decay``: whether Win integrates the weight decay (``lam = wd``) or the base already
+  applied it (``lam = 0``);
+- ``_vanilla_decay``: how its ``acceleration_mode="none"`` step decays (see ``_win.VANILLA_DECAYS``);
+- ``_l2_in_grad``: ``"always"`` / ``"vanilla"`` / ``"never"``: when ``wd * p`` is added to the gradient
+  (a copy of it: ``p.grad`` is never written);
+- ``_group_step``: whether the step count lives in the param group (LAMB, Adan) or per parameter;
+- ``_clip_style``: ``"standard"`` or ``"lamb"`` (see ``clip_coefficient``);
+- ``_direction(ops, group, params, grads, states, steps)``: the direction ``u`` for a list of parameters.
+
+Everything else (validation, clipping, state creation, the two execution paths, the Win/Win2 step) is
+here, once.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from ._ops import FOREACH, PER_TENSOR
+from ._win import MODES, accelerate, extra_state_keys, vanilla_step
+
+__all__ = ["WinOptimizer"]
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+class WinOptimizer(torch.optim.Optimizer):
+    _integrated_decay: bool = True
+    _vanilla_decay: Optional[str] = None
+    _l2_in_grad: str = "never"
+    _group_step: bool = False
+    _clip_style: str = "standard"
+    _n_betas: int = 2
+
+    def __init__(self, params, defaults: dict, *, max_grad_norm: float = 0.0, foreach: Optional[bool] = None):
+        if not _is_number(max_grad_norm):
+            raise ValueError(f"max_grad_norm must be a number (<= 0 disables clipping), got {max_grad_norm!r}")
+        if foreach not in (None, True, False):
+            raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+        defaults = dict(defaults, max_grad_norm=float(max_grad_norm), foreach=foreach)
+        self._validate_group(defaults, where="")
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def add_param_group(self, param_group: dict) -> None:
+        merged = dict(self.defaults)
+        merged.update({k: v for k, v in param_group.items() if k != "params"})
+        self._validate_group(merged, where=f" (param group {len(self.param_groups)})")
+        super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict, where: str) -> None:
+        name = type(self).__name__
+        mode = group.get("acceleration_mode")
+        if mode not in MODES:
+            raise ValueError(
+                f"{name}: acceleration_mode{where} must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
+            )
+        rs = group.get("reckless_steps")
+        if (
+            not isinstance(rs, (tuple, list))
+            or len(rs) != 2
+            or not all(_is_number(r) and r > 0 and math.isfinite(r) for r in rs)
+        ):
+            raise ValueError(
+                f"{name}: reckless_steps{where} must be two positive numbers (r1, r2), e.g. (2.0, 8.0); got {rs!r}"
+            )
+        lr = group.get("lr")
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"{name}: lr{where} as a tensor must have one element")
+            lr_value = float(lr)
+        else:
+            lr_value = lr
+        if not _is_number(lr_value) or lr_value < 0:
+            raise ValueError(f"{name}: lr{where} must be a number >= 0, got {lr!r}")
+        for key in ("eps", "weight_decay", "momentum", "dampening"):
+            if key in group and (not _is_number(group[key]) or group[key] < 0):
+                raise ValueError(f"{name}: {key}{where} must be a number >= 0, got {group[key]!r}")
+        if "momentum" in group and group["momentum"] >= 1:
+            raise ValueError(f"{name}: momentum{where} must be in [0, 1), got {group['momentum']!r}")
+        if "betas" in group:
+            betas = group["betas"]
+            if (
+                not isinstance(betas, (tuple, list))
+                or len(betas) != self._n_betas
+                or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)
+            ):
+                raise ValueError(
+                    f"{name}: betas{where} must be {self._n_betas} numbers each in [0, 1), got {betas!r}"
+                )
+        for key in ("amsgrad", "nesterov", "bias_correction", "grad_averaging", "trust_clip", "always_adapt"):
+            if key in group and not isinstance(group[key], bool):
+                raise ValueError(f"{name}: {key}{where} must be True or False, got {group[key]!r}")
+        if group.get("foreach") not in (None, True, False):
+            raise ValueError(f"{name}: foreach{where} must be None, True or False, got {group['foreach']!r}")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("max_grad_norm", self.defaults.get("max_grad_norm", 0.0))
+
+    # ------------------------------------------------------------------ subclass hooks
+    @classmethod
+    def _state_keys(cls, group: dict) -> tuple:
+        """Names of the base optimizer's parameter-sized buffers (``step`` not included)."""
+        raise NotImplementedError
+
+    def _init_state(self, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    def _direction(self, ops, group, params, grads, states, steps) -> list:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ clipping
+    def _clip_coefficient(self) -> Optional[Tensor]:
+        """Multiplier for every gradient (a 0-dim tensor), or None when clipping is off."""
+        max_norm = float(self.defaults.get("max_grad_norm", 0.0))
+        if max_norm <= 0.0:
+            return None
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+        if self._clip_style == "lamb":
+            # LAMB divides by norm/max_norm when the norm is above max_norm.
+            return torch.where(total > max_norm, max_norm / total, torch.ones_like(total))
+        eps = float(self.defaults.get("eps", 1e-8))
+        return torch.clamp(max_norm / (total + eps), max=1.0)
+
+    # ------------------------------------------------------------------ the step
+    def _use_foreach(self, group, params) -> bool:
+        flag = group.get("foreach")
+        if flag is not None:
+            return bool(flag)
+        # None: multi-tensor wherever every tensor is a dense, strided tensor on one device.
+        if not params:
+            return False
+        device = params[0].device
+        return all(p.layout == torch.strided and p.device == device for p in params)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients; "
+                        "use torch.optim.SparseAdam or a dense embedding"
+                    )
+
+        clip = self._clip_coefficient()
+        for group in self.param_groups:
+            self._step_group(group, clip)
+        return loss
+
+    def _step_group(self, group: dict, clip: Optional[Tensor]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if self._group_step:
+            group["step"] = group.get("step", 0) + 1
+        if not params:
+            return
+        mode = group["acceleration_mode"]
+        wd = group["weight_decay"]
+
+        # Gradients: never written. Copies are made only when clipping or L2 decay changes them.
+        grads = [p.grad for p in params]
+        if clip is not None:
+            grads = [g * clip.to(g.device) for g in grads]
+            owned = True
+        else:
+            owned = False
+        if wd != 0.0 and (self._l2_in_grad == "always" or (self._l2_in_grad == "vanilla" and mode == "none")):
+            if owned:
+                for g, p in zip(grads, params):
+                    g.add_(p, alpha=wd)
+            else:
+                grads = [g.add(p, alpha=wd) for g, p in zip(grads, params)]
+
+        states = []
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if any(k not in state for k in self._state_keys(group)):
+                self._init_state(p, g, state, group)
+            for key in extra_state_keys(mode):
+                if key not in state:
+                    state[key] = p.detach().clone(memory_format=torch.preserve_format)
+            if not self._group_step:
+                state["step"] = int(state.get("step", 0)) + 1
+            states.append(state)
+        steps = [group["step"]] * len(params) if self._group_step else [s["step"] for s in states]
+
+        if self._use_foreach(group, params):
+            self._apply(FOREACH, group, params, grads, states, steps)
+        else:
+            for i in range(len(params)):
+                self._apply(PER_TENSOR, group, params[i : i + 1], grads[i : i + 1], states[i : i + 1], steps[i : i + 1])
+
+    def _apply(self, ops, group, params, grads, states, steps) -> None:
+        mode = group["acceleration_mode"]
+        lr = group["lr"]
+        lr = float(lr) if isinstance(lr, Tensor) else lr
+        updates = self._direction(ops, group, params, grads, states, steps)
+        if mode == "none":
+            vanilla_step(ops, params, updates, lr=lr, weight_decay=group["weight_decay"], decay=self._vanilla_decay)
+            return
+        r1, r2 = (float(r) for r in group["reckless_steps"])
+        lam = group["weight_decay"] if self._integrated_decay else 0.0
+        xs = [s["x"] for s in states]
+        ys = [s["y"] for s in states] if mode == "win2" else None
+        accelerate(ops, params, updates, xs, ys, mode=mode, lr=lr, lam=lam, r1=r1, r2=r2)
+
+    # ------------------------------------------------------------------ introspection
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (all parameters seen so far)."""
+        total = 0
+        for state in self.state.values():
+            for v in state.values():
+                if isinstance(v, Tensor):
+                    total += v.numel() * v.element_size()
+        return total
+
+    @classmethod
+    def buffers_per_parameter(cls, mode: str = "win", **hyper) -> int:
+        """Parameter-sized buffers this optimizer keeps per parameter in ``mode``."""
+        return len(cls._state_keys(hyper)) + len(extra_state_keys(mode))

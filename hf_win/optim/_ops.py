@@ -1,0 +1,173 @@
+"""Tensor-list operations with two interchangeable implementations.
+
+Every base optimizer writes its direction once, over lists of tensors, in terms of the small vocabulary
+below. ``FOREACH`` maps each operation to one ``torch._foreach_*`` call (multi-tensor path, as
+``torch.optim`` does with ``foreach=True``); ``PER_TENSOR`` applies the same operation tensor by tensor.
+The per-tensor path of an optimizer calls its direction with one-element lists, one parameter at a time,
+which is the classic single-tensor loop of ``torch.optim``.
+
+A ``scalar`` argument may be a Python number (the same for every tensor), a list of numbers (one per
+tensor) or a list of 0-dim tensors (one per tensor).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+Scalar = Union[float, Sequence[float], Sequence[Tensor], Tensor]
+
+
+def _per_item(scalar, n):
+    if isinstance(scalar, (list, tuple)):
+        return scalar
+    return [scalar] * n
+
+
+class _PerTensorOps:
+    """The reference path: one eager op per tensor."""
+
+    name = "per_tensor"
+
+    @staticmethod
+    def mul_(xs, scalar):
+        for x, s in zip(xs, _per_item(scalar, len(xs))):
+            x.mul_(s)
+
+    @staticmethod
+    def div_(xs, scalar):
+        for x, s in zip(xs, _per_item(scalar, len(xs))):
+            x.div_(s)
+
+    @staticmethod
+    def add_scalar_(xs, scalar):
+        for x, s in zip(xs, _per_item(scalar, len(xs))):
+            x.add_(s)
+
+    @staticmethod
+    def add_(xs, ys, alpha=1.0):
+        for x, y in zip(xs, ys):
+            x.add_(y, alpha=alpha)
+
+    @staticmethod
+    def sub(xs, ys):
+        return [x - y for x, y in zip(xs, ys)]
+
+    @staticmethod
+    def addcmul_(xs, ys, zs, value=1.0):
+        for x, y, z in zip(xs, ys, zs):
+            x.addcmul_(y, z, value=value)
+
+    @staticmethod
+    def maximum_(xs, ys):
+        for x, y in zip(xs, ys):
+            torch.maximum(x, y, out=x)
+
+    @staticmethod
+    def sqrt(xs):
+        return [x.sqrt() for x in xs]
+
+    @staticmethod
+    def reciprocal_(xs):
+        for x in xs:
+            x.reciprocal_()
+
+    @staticmethod
+    def mul_tensors_(xs, ys):
+        for x, y in zip(xs, ys):
+            x.mul_(y)
+
+    @staticmethod
+    def div_tensors_(xs, ys):
+        for x, y in zip(xs, ys):
+            x.div_(y)
+
+    @staticmethod
+    def copy_(xs, ys):
+        for x, y in zip(xs, ys):
+            x.copy_(y)
+
+    @staticmethod
+    def clone(xs):
+        return [x.clone() for x in xs]
+
+    @staticmethod
+    def scaled(xs, scalar):
+        """New tensors ``x * s``."""
+        return [x * s for x, s in zip(xs, _per_item(scalar, len(xs)))]
+
+    @staticmethod
+    def norm(xs):
+        return [torch.linalg.vector_norm(x) for x in xs]
+
+
+class _ForeachOps:
+    """The multi-tensor path: one ``torch._foreach_*`` kernel per operation over the whole list."""
+
+    name = "foreach"
+
+    @staticmethod
+    def mul_(xs, scalar):
+        torch._foreach_mul_(xs, scalar)
+
+    @staticmethod
+    def div_(xs, scalar):
+        torch._foreach_div_(xs, scalar)
+
+    @staticmethod
+    def add_scalar_(xs, scalar):
+        torch._foreach_add_(xs, scalar)
+
+    @staticmethod
+    def add_(xs, ys, alpha=1.0):
+        torch._foreach_add_(xs, ys, alpha=alpha)
+
+    @staticmethod
+    def sub(xs, ys):
+        return torch._foreach_sub(xs, ys)
+
+    @staticmethod
+    def addcmul_(xs, ys, zs, value=1.0):
+        torch._foreach_addcmul_(xs, ys, zs, value=value)
+
+    @staticmethod
+    def maximum_(xs, ys):
+        torch._foreach_maximum_(xs, ys)
+
+    @staticmethod
+    def sqrt(xs):
+        return torch._foreach_sqrt(xs)
+
+    @staticmethod
+    def reciprocal_(xs):
+        torch._foreach_reciprocal_(xs)
+
+    @staticmethod
+    def mul_tensors_(xs, ys):
+        torch._foreach_mul_(xs, ys)
+
+    @staticmethod
+    def div_tensors_(xs, ys):
+        torch._foreach_div_(xs, ys)
+
+    @staticmethod
+    def copy_(xs, ys):
+        torch._foreach_copy_(xs, ys)
+
+    @staticmethod
+    def clone(xs):
+        return [x.clone() for x in xs]
+
+    @staticmethod
+    def scaled(xs, scalar):
+        return torch._foreach_mul(xs, scalar)
+
+    @staticmethod
+    def norm(xs):
+        return list(torch._foreach_norm(xs))
+
+
+PER_TENSOR = _PerTensorOps()
+FOREACH = _ForeachOps()

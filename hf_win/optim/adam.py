@@ -1,0 +1,52 @@
+"""Adam direction (Kingma & Ba) with L2 weight decay, with Win/Win2 acceleration.
+
+The decay is folded into (a copy of) the gradient, ``g <- g + wd*p``, so it is not integrated (``lam = 0``).
+As in the authors' code, ``eps`` is added to ``sqrt(v)`` before bias correction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from .adamw import AdamW, adam_moments
+
+
+class Adam(AdamW):
+    r"""Adam (L2 weight decay) with Win / Win2 acceleration; ``acceleration_mode="none"`` is plain Adam.
+
+    ``u = m / (sqrt(v) + eps) * sqrt(bc2) / bc1`` with ``g <- g + wd*p`` first.
+    Same arguments as :class:`AdamW`; ``weight_decay`` defaults to 0.
+    """
+
+    _integrated_decay = False
+    _vanilla_decay = None
+    _l2_in_grad = "always"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        reckless_steps=(2.0, 8.0),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        max_grad_norm: float = 0.0,
+        acceleration_mode: str = "win",
+        foreach: Optional[bool] = None,
+    ):
+        super().__init__(
+            params, lr=lr, betas=betas, reckless_steps=reckless_steps, eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, max_grad_norm=max_grad_norm, acceleration_mode=acceleration_mode, foreach=foreach,
+        )
+
+    def _direction(self, ops, group, params, grads, states, steps):
+        beta1, beta2 = group["betas"]
+        exp_avgs, second = adam_moments(ops, group, grads, states)
+        denom = ops.sqrt(second)
+        ops.add_scalar_(denom, group["eps"])
+        ops.reciprocal_(denom)
+        ops.mul_tensors_(denom, exp_avgs)
+        ops.mul_(denom, [math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) for t in steps])
+        return denom

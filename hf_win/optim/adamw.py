@@ -1,0 +1,91 @@
+"""AdamW direction (Loshchilov & Hutter), with Win/Win2 acceleration. Weight decay is integrated."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._base import WinOptimizer
+
+
+def adam_moments(ops, group, grads, states, *, first_moment_scale=None):
+    """Update ``exp_avg`` / ``exp_avg_sq`` (and ``max_exp_avg_sq``) in place; return the second moments to use."""
+    beta1, beta2 = group["betas"][0], group["betas"][1]
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    ops.mul_(exp_avgs, beta1)
+    ops.add_(exp_avgs, grads, alpha=1.0 - beta1 if first_moment_scale is None else first_moment_scale)
+    ops.mul_(exp_avg_sqs, beta2)
+    ops.addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    if group.get("amsgrad", False):
+        maxes = [s["max_exp_avg_sq"] for s in states]
+        ops.maximum_(maxes, exp_avg_sqs)
+        return exp_avgs, maxes
+    return exp_avgs, exp_avg_sqs
+
+
+class AdamW(WinOptimizer):
+    r"""AdamW with Win / Win2 acceleration (``acceleration_mode="none"`` is plain AdamW).
+
+    ``u = m / (sqrt(v)/sqrt(bc2) + eps) / bc1``; weight decay is integrated into the Win sequences
+    (proximal), or decoupled (``p <- p*(1 - lr*wd) - lr*u``) in mode ``none``.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate (default 1e-3).
+        betas: ``(beta1, beta2)`` (default (0.9, 0.999)).
+        reckless_steps: ``(r1, r2)``, the reckless step sizes as multiples of ``lr`` (default (2.0, 8.0)).
+        eps: added to the denominator (default 1e-8).
+        weight_decay: decay coefficient (default 1e-2).
+        amsgrad: use the AMSGrad maximum of second moments (default False).
+        max_grad_norm: clip the global gradient norm inside the optimizer; ``<= 0`` disables (default 0).
+            Under the Hugging Face Trainer leave it at 0 and use ``--max_grad_norm``.
+        acceleration_mode: ``"win"`` (default), ``"win2"`` or ``"none"``.
+        foreach: multi-tensor (True), per-tensor (False) or automatic (None).
+    """
+
+    _integrated_decay = True
+    _vanilla_decay = "decoupled"
+    _l2_in_grad = "never"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        reckless_steps=(2.0, 8.0),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        max_grad_norm: float = 0.0,
+        acceleration_mode: str = "win",
+        foreach: Optional[bool] = None,
+    ):
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
+            reckless_steps=tuple(reckless_steps) if isinstance(reckless_steps, list) else reckless_steps,
+            eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, acceleration_mode=acceleration_mode,
+        )
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach)
+
+    @classmethod
+    def _state_keys(cls, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group.get("amsgrad") else ("exp_avg", "exp_avg_sq")
+
+    def _init_state(self, p, grad, state, group):
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _direction(self, ops, group, params, grads, states, steps):
+        beta1, beta2 = group["betas"]
+        exp_avgs, second = adam_moments(ops, group, grads, states)
+        denom = ops.sqrt(second)
+        ops.div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
+        ops.add_scalar_(denom, group["eps"])
+        ops.reciprocal_(denom)
+        ops.mul_tensors_(denom, exp_avgs)
+        ops.div_(denom, [1.0 - beta1**t for t in steps])
+        return denom

@@ -1,0 +1,101 @@
+"""LAMB direction (You et al., the NVLAMB variant of the authors' code), with Win/Win2 acceleration.
+
+The step count lives in the param group. Weight decay enters the direction before the layer-wise trust
+ratio, so it is not integrated by Win (``lam = 0``). The trust ratio uses the norm of each *whole*
+parameter tensor: for sharded parameters (DTensor under FSDP2) the norm is computed over the whole tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._base import WinOptimizer
+from .adamw import adam_moments
+
+
+class LAMB(WinOptimizer):
+    r"""LAMB with Win / Win2 acceleration; ``acceleration_mode="none"`` is plain LAMB.
+
+    ``u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps)``; with ``weight_decay != 0``: ``u += wd*p``; with
+    ``weight_decay != 0`` or ``always_adapt``: ``u *= ||p|| / ||u||`` (1 when a norm is 0; at most 1 with
+    ``trust_clip``).
+
+    Args:
+        lr (1e-3), bias_correction (True), betas ((0.9, 0.999)), reckless_steps ((2.0, 8.0)), eps (1e-6),
+        weight_decay (0.01), grad_averaging (True), max_grad_norm (1.0; ``<= 0`` disables; under the
+        Trainer use 0 and ``--max_grad_norm``), trust_clip (False), always_adapt (False),
+        acceleration_mode ("win"), foreach (None).
+    """
+
+    _integrated_decay = False
+    _vanilla_decay = None
+    _l2_in_grad = "never"
+    _group_step = True
+    _clip_style = "lamb"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        bias_correction: bool = True,
+        betas=(0.9, 0.999),
+        reckless_steps=(2.0, 8.0),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        grad_averaging: bool = True,
+        max_grad_norm: float = 1.0,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        acceleration_mode: str = "win",
+        foreach: Optional[bool] = None,
+    ):
+        defaults = dict(
+            lr=lr, bias_correction=bias_correction, betas=tuple(betas) if isinstance(betas, list) else betas,
+            reckless_steps=tuple(reckless_steps) if isinstance(reckless_steps, list) else reckless_steps,
+            eps=eps, weight_decay=weight_decay, grad_averaging=grad_averaging, trust_clip=trust_clip,
+            always_adapt=always_adapt, acceleration_mode=acceleration_mode,
+        )
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach)
+
+    @classmethod
+    def _state_keys(cls, group):
+        return ("exp_avg", "exp_avg_sq")
+
+    def _init_state(self, p, grad, state, group):
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _direction(self, ops, group, params, grads, states, steps):
+        beta1, beta2 = group["betas"]
+        t = steps[0]
+        if group["bias_correction"]:
+            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+        else:
+            bc1, bc2 = 1.0, 1.0
+        scale = (1.0 - beta1) if group["grad_averaging"] else 1.0
+        exp_avgs, exp_avg_sqs = adam_moments(ops, group, grads, states, first_moment_scale=scale)
+        denom = ops.sqrt(exp_avg_sqs)
+        ops.div_(denom, math.sqrt(bc2))
+        ops.add_scalar_(denom, group["eps"])
+        ops.reciprocal_(denom)
+        ops.mul_tensors_(denom, exp_avgs)
+        ops.div_(denom, bc1)
+        wd = group["weight_decay"]
+        if wd != 0.0:
+            ops.add_(denom, params, alpha=wd)
+        if wd != 0.0 or group["always_adapt"]:
+            w_norms = ops.norm(params)
+            u_norms = ops.norm(denom)
+            ratios = []
+            for w, u in zip(w_norms, u_norms):
+                one = torch.ones_like(w)
+                r = torch.where(w > 0, torch.where(u > 0, w / u, one), one)
+                if group["trust_clip"]:
+                    r = torch.minimum(r, one)
+                ratios.append(r)
+            ops.mul_(denom, ratios)
+        return denom

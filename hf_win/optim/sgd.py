@@ -1,0 +1,77 @@
+"""SGD with (Nesterov) momentum, with Win/Win2 acceleration.
+
+Weight decay is integrated by Win; in mode ``none`` it is L2 decay folded into (a copy of) the gradient,
+as in the authors' code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._base import WinOptimizer
+
+
+class SGD(WinOptimizer):
+    r"""SGD with momentum and Win / Win2 acceleration; ``acceleration_mode="none"`` is plain SGD.
+
+    ``buf <- g`` on the first step, then ``buf <- momentum*buf + (1-dampening)*g``;
+    ``u = g + momentum*buf`` with ``nesterov``, else ``buf``.
+
+    Args:
+        lr (required), momentum (0.9), dampening (0), reckless_steps ((2.0, 8.0)), weight_decay (0),
+        max_grad_norm (0; ``<= 0`` disables), nesterov (True), acceleration_mode ("win"),
+        eps (1e-8, used only by gradient clipping), foreach (None).
+    """
+
+    _integrated_decay = True
+    _vanilla_decay = None
+    _l2_in_grad = "vanilla"
+
+    def __init__(
+        self,
+        params,
+        lr: float = None,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        reckless_steps=(2.0, 8.0),
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 0.0,
+        nesterov: bool = True,
+        acceleration_mode: str = "win",
+        eps: float = 1e-8,
+        foreach: Optional[bool] = None,
+    ):
+        if lr is None:
+            raise ValueError("SGD_Win: lr is required (a number >= 0)")
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening,
+            reckless_steps=tuple(reckless_steps) if isinstance(reckless_steps, list) else reckless_steps,
+            weight_decay=weight_decay, nesterov=nesterov, acceleration_mode=acceleration_mode, eps=eps,
+        )
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach)
+
+    @classmethod
+    def _state_keys(cls, group):
+        return ("momentum",)
+
+    def _init_state(self, p, grad, state, group):
+        state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _direction(self, ops, group, params, grads, states, steps):
+        momentum, dampening = group["momentum"], group["dampening"]
+        bufs = [s["momentum"] for s in states]
+        first = [i for i, t in enumerate(steps) if t == 1]
+        later = [i for i, t in enumerate(steps) if t != 1]
+        if first:
+            ops.copy_([bufs[i] for i in first], [grads[i] for i in first])
+        if later:
+            lb = [bufs[i] for i in later]
+            ops.mul_(lb, momentum)
+            ops.add_(lb, [grads[i] for i in later], alpha=1.0 - dampening)
+        if group["nesterov"]:
+            updates = ops.clone(grads)
+            ops.add_(updates, bufs, alpha=momentum)
+            return updates
+        return bufs
