@@ -69,6 +69,9 @@ class LAMB(WinOptimizer):
             if key not in state:
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def _needs_whole_tensors(self, group):
+        return group["weight_decay"] != 0.0 or group["always_adapt"]
+
     def _direction(self, ops, group, params, grads, states, steps):
         beta1, beta2 = group["betas"]
         t = steps[0]
