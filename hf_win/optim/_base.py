@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -50,6 +50,9 @@ class WinOptimizer(torch.optim.Optimizer):
         if foreach not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
         defaults = dict(defaults, max_grad_norm=float(max_grad_norm), foreach=foreach)
+        for key in ("betas", "reckless_steps"):  # lists (from JSON/YAML configs) become tuples
+            if isinstance(defaults.get(key), list):
+                defaults[key] = tuple(defaults[key])
         self._validate_group(defaults, where="")
         if max_grad_norm > 0 and inside_zero_redundancy_optimizer():
             raise ShardingError(
@@ -127,7 +130,10 @@ class WinOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _init_state(self, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
-        raise NotImplementedError
+        """Create the base optimizer's missing buffers (zeros by default)."""
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _direction(self, ops, group, params, grads, states, steps) -> list:
         raise NotImplementedError
