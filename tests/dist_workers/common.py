@@ -7,6 +7,8 @@ Imported both by the pytest process (the reference) and by the launched workers 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -73,8 +75,10 @@ def param_groups(model: nn.Module, weight_decay: float = WEIGHT_DECAY):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@functools.lru_cache(maxsize=None)
 def reference_params(name: str, mode: str, max_grad_norm: float = 0.0, steps: int = STEPS):
-    """One process, the whole global batch each step: the answer every distributed run must give."""
+    """One process, the whole global batch each step: the answer every distributed run must give
+    (cached: callers must not modify the returned tensors)."""
     model = make_model()
     spec = get_optimizer_spec(name)
     opt = spec.cls(param_groups(model), **optimizer_kwargs(name, mode, max_grad_norm))
