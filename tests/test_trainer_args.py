@@ -125,9 +125,9 @@ def test_optim_args_keys_follow_the_registry():
         if "betas" in spec.accepted_keys and spec.cls._n_betas == 3:
             expected.add("beta3")
         assert keys == expected, name
-    assert set(optim_args_keys("lamb_win")) == {"bias_correction", "grad_averaging", "trust_clip", "always_adapt", "foreach"}
-    assert set(optim_args_keys("sgd_win")) == {"momentum", "dampening", "nesterov", "foreach"}
-    assert set(optim_args_keys("adan_win")) == {"beta3", "foreach"}
+    assert set(optim_args_keys("lamb_win")) == {"bias_correction", "grad_averaging", "trust_clip", "always_adapt", "foreach", "fused"}
+    assert set(optim_args_keys("sgd_win")) == {"momentum", "dampening", "nesterov", "foreach", "fused"}
+    assert set(optim_args_keys("adan_win")) == {"beta3", "foreach", "fused"}
 
 
 def test_every_optim_args_key_reaches_the_optimizer():

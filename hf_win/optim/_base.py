@@ -11,6 +11,9 @@ A base optimizer (``adamw.py``, ``adam.py``, ...) is a subclass that declares
 - ``_group_step``: whether the step count lives in the param group (LAMB, Adan) or per parameter;
 - ``_clip_style``: ``"standard"`` or ``"lamb"`` (see ``clip_coefficient``);
 - ``_direction(ops, group, params, grads, states, steps)``: the direction ``u`` for a list of parameters.
+  It must read only ``group`` and class attributes (the fused path calls it without the instance), and
+  compute step-dependent scalars with operators or ``_ops.scalar_sqrt`` (on the fused path ``steps``
+  and ``lr`` are 0-dim tensors).
 
 Everything else (validation, clipping, state creation, the two execution paths, the Win/Win2 step) is
 here, once.
@@ -25,6 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ._fused import fused_apply
 from ._ops import FOREACH, PER_TENSOR
 from ._sharding import CLIP_ADVICE, LAMB_ADVICE, ShardingError, foreign_params, inside_zero_redundancy_optimizer
 from ._win import MODES, accelerate, extra_state_keys, vanilla_step
@@ -44,12 +48,17 @@ class WinOptimizer(torch.optim.Optimizer):
     _clip_style: str = "standard"
     _n_betas: int = 2
 
-    def __init__(self, params, defaults: dict, *, max_grad_norm: float = 0.0, foreach: Optional[bool] = None):
+    def __init__(
+        self, params, defaults: dict, *, max_grad_norm: float = 0.0, foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ):
         if not _is_number(max_grad_norm):
             raise ValueError(f"max_grad_norm must be a number (<= 0 disables clipping), got {max_grad_norm!r}")
         if foreach not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
-        defaults = dict(defaults, max_grad_norm=float(max_grad_norm), foreach=foreach)
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        defaults = dict(defaults, max_grad_norm=float(max_grad_norm), foreach=foreach, fused=fused)
         for key in ("betas", "reckless_steps"):  # lists (from JSON/YAML configs) become tuples
             if isinstance(defaults.get(key), list):
                 defaults[key] = tuple(defaults[key])
@@ -115,12 +124,17 @@ class WinOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{name}: {key}{where} must be True or False, got {group[key]!r}")
         if group.get("foreach") not in (None, True, False):
             raise ValueError(f"{name}: foreach{where} must be None, True or False, got {group['foreach']!r}")
+        if group.get("fused") not in (None, True, False):
+            raise ValueError(f"{name}: fused{where} must be None, True or False, got {group['fused']!r}")
+        if group.get("fused") and group.get("foreach") is False:
+            raise ValueError(f"{name}: fused=True{where} is a multi-tensor path; it cannot be combined with foreach=False")
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._registered_ids = {id(p) for g in self.param_groups for p in g["params"]}
         for group in self.param_groups:
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
             group.setdefault("max_grad_norm", self.defaults.get("max_grad_norm", 0.0))
 
     # ------------------------------------------------------------------ subclass hooks
@@ -183,6 +197,11 @@ class WinOptimizer(torch.optim.Optimizer):
         return torch.clamp(max_norm / (total + eps), max=1.0)
 
     # ------------------------------------------------------------------ the step
+    def _use_fused(self, group, params) -> bool:
+        # None: off. Compiling costs tens of seconds at the start of every process (see the README's
+        # performance section for the measurements behind this default).
+        return bool(group.get("fused"))
+
     def _use_foreach(self, group, params) -> bool:
         flag = group.get("foreach")
         if flag is not None:
@@ -253,16 +272,23 @@ class WinOptimizer(torch.optim.Optimizer):
             states.append(state)
         steps = [group["step"]] * len(params) if group_step else [s["step"] for s in states]
 
-        if self._use_foreach(group, params):
+        if self._use_fused(group, params):
+            rest = fused_apply(self, group, params, grads, states, steps)  # the compiled step
+            if rest:  # first steps, non-contiguous or tiny tensors
+                pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
+                self._apply(FOREACH, group, pick(params), pick(grads), pick(states), pick(steps))
+        elif self._use_foreach(group, params):
             self._apply(FOREACH, group, params, grads, states, steps)
         else:
             for i in range(len(params)):
                 self._apply(PER_TENSOR, group, params[i : i + 1], grads[i : i + 1], states[i : i + 1], steps[i : i + 1])
 
-    def _apply(self, ops, group, params, grads, states, steps) -> None:
+    def _apply(self, ops, group, params, grads, states, steps, lr=None) -> None:
+        """One step of ``params``; ``lr`` (a 0-dim tensor on the fused path) defaults to the group's."""
         mode = group["acceleration_mode"]
-        lr = group["lr"]
-        lr = float(lr) if isinstance(lr, Tensor) else lr
+        if lr is None:
+            lr = group["lr"]
+            lr = float(lr) if isinstance(lr, Tensor) else lr
         updates = self._direction(ops, group, params, grads, states, steps)
         if mode == "none":
             vanilla_step(ops, params, updates, lr=lr, weight_decay=group["weight_decay"], decay=self._vanilla_decay)

@@ -7,17 +7,27 @@ The per-tensor path of an optimizer calls its direction with one-element lists, 
 which is the classic single-tensor loop of ``torch.optim``.
 
 A ``scalar`` argument may be a Python number (the same for every tensor), a list of numbers (one per
-tensor) or a list of 0-dim tensors (one per tensor).
+tensor) or a list of 0-dim tensors (one per tensor). On the compiled (``fused``) path, ``FOREACH`` also
+receives 0-dim tensors for the step-varying scalars (learning rate, bias corrections, Win coefficients) so
+that a changing learning rate does not recompile: ``scalar`` and ``alpha`` may then be a 0-dim tensor.
+``scalar_sqrt`` is the square root of such a scalar, whichever it is.
 """
 
 from __future__ import annotations
 
 from typing import Sequence, Union
 
+import math
+
 import torch
 from torch import Tensor
 
 Scalar = Union[float, Sequence[float], Sequence[Tensor], Tensor]
+
+
+def scalar_sqrt(x):
+    """Square root of a step scalar: a Python number (eager paths) or a 0-dim tensor (fused path)."""
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
 
 
 def _per_item(scalar, n):
@@ -122,7 +132,10 @@ class _ForeachOps:
 
     @staticmethod
     def add_(xs, ys, alpha=1.0):
-        torch._foreach_add_(xs, ys, alpha=alpha)
+        if isinstance(alpha, Tensor):  # fused path: the product is fused away by the compiler
+            torch._foreach_add_(xs, torch._foreach_mul(ys, alpha))
+        else:
+            torch._foreach_add_(xs, ys, alpha=alpha)
 
     @staticmethod
     def sub(xs, ys):

@@ -6,9 +6,9 @@ As in the authors' code, ``eps`` is added to ``sqrt(v)`` before bias correction.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
+from ._ops import scalar_sqrt
 from .adamw import AdamW, adam_moments
 
 
@@ -35,10 +35,12 @@ class Adam(AdamW):
         max_grad_norm: float = 0.0,
         acceleration_mode: str = "win",
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         super().__init__(
             params, lr=lr, betas=betas, reckless_steps=reckless_steps, eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad, max_grad_norm=max_grad_norm, acceleration_mode=acceleration_mode, foreach=foreach,
+            fused=fused,
         )
 
     def _direction(self, ops, group, params, grads, states, steps):
@@ -48,5 +50,5 @@ class Adam(AdamW):
         ops.add_scalar_(denom, group["eps"])
         ops.reciprocal_(denom)
         ops.mul_tensors_(denom, exp_avgs)
-        ops.mul_(denom, [math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) for t in steps])
+        ops.mul_(denom, [scalar_sqrt(1.0 - beta2**t) / (1.0 - beta1**t) for t in steps])
         return denom

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
-
 from ._base import WinOptimizer
+from ._ops import scalar_sqrt
 
 
 def adam_moments(ops, group, grads, states, *, first_moment_scale=None):
@@ -43,6 +42,9 @@ class AdamW(WinOptimizer):
             Under the Hugging Face Trainer leave it at 0 and use ``--max_grad_norm``.
         acceleration_mode: ``"win"`` (default), ``"win2"`` or ``"none"``.
         foreach: multi-tensor (True), per-tensor (False) or automatic (None).
+        fused: the step compiled by ``torch.compile`` into fused kernels (True); None and False use
+            ``foreach``. Compiles at the second step (tens of seconds on CPU, cached on disk by PyTorch).
+            See ``hf_win/optim/_fused.py``.
     """
 
     _integrated_decay = True
@@ -61,13 +63,14 @@ class AdamW(WinOptimizer):
         max_grad_norm: float = 0.0,
         acceleration_mode: str = "win",
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr, betas=betas,
             reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, acceleration_mode=acceleration_mode,
         )
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
 
     @classmethod
     def _state_keys(cls, group):
@@ -77,7 +80,7 @@ class AdamW(WinOptimizer):
         beta1, beta2 = group["betas"]
         exp_avgs, second = adam_moments(ops, group, grads, states)
         denom = ops.sqrt(second)
-        ops.div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
+        ops.div_(denom, [scalar_sqrt(1.0 - beta2**t) for t in steps])
         ops.add_scalar_(denom, group["eps"])
         ops.reciprocal_(denom)
         ops.mul_tensors_(denom, exp_avgs)

@@ -8,12 +8,12 @@ parameter's first gradient (so the first gradient difference is zero).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from ._base import WinOptimizer
+from ._ops import scalar_sqrt
 
 
 class Adan(WinOptimizer):
@@ -25,7 +25,7 @@ class Adan(WinOptimizer):
     Args:
         lr (1e-3), betas ((0.98, 0.92, 0.99)), reckless_steps ((2.0, 8.0)), eps (1e-8), weight_decay (0;
         the Adan paper's ViT recipes use 0.02), max_grad_norm (0; ``<= 0`` disables),
-        acceleration_mode ("win"), foreach (None).
+        acceleration_mode ("win"), foreach (None), fused (None: see AdamW).
     """
 
     _integrated_decay = True
@@ -45,13 +45,14 @@ class Adan(WinOptimizer):
         max_grad_norm: float = 0.0,
         acceleration_mode: str = "win",
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr, betas=betas,
             reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, acceleration_mode=acceleration_mode,
         )
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
 
     @classmethod
     def _state_keys(cls, group):
@@ -85,7 +86,7 @@ class Adan(WinOptimizer):
 
         # u = (m/bc1 + b2*d/bc2) / (sqrt(n)/sqrt(bc3) + eps), built in the diff buffer
         denom = ops.sqrt(exp_avg_sqs)
-        ops.div_(denom, math.sqrt(bc3))
+        ops.div_(denom, scalar_sqrt(bc3))
         ops.add_scalar_(denom, group["eps"])
         updates = diffs
         ops.copy_(updates, exp_avgs)

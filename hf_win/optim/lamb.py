@@ -7,12 +7,12 @@ parameter tensor: for sharded parameters (DTensor under FSDP2) the norm is compu
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from ._base import WinOptimizer
+from ._ops import scalar_sqrt
 from .adamw import adam_moments
 
 
@@ -27,7 +27,7 @@ class LAMB(WinOptimizer):
         lr (1e-3), bias_correction (True), betas ((0.9, 0.999)), reckless_steps ((2.0, 8.0)), eps (1e-6),
         weight_decay (0.01), grad_averaging (True), max_grad_norm (1.0; ``<= 0`` disables; under the
         Trainer use 0 and ``--max_grad_norm``), trust_clip (False), always_adapt (False),
-        acceleration_mode ("win"), foreach (None).
+        acceleration_mode ("win"), foreach (None), fused (None: see AdamW).
     """
 
     _integrated_decay = False
@@ -51,6 +51,7 @@ class LAMB(WinOptimizer):
         always_adapt: bool = False,
         acceleration_mode: str = "win",
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr, bias_correction=bias_correction, betas=betas,
@@ -58,7 +59,7 @@ class LAMB(WinOptimizer):
             eps=eps, weight_decay=weight_decay, grad_averaging=grad_averaging, trust_clip=trust_clip,
             always_adapt=always_adapt, acceleration_mode=acceleration_mode,
         )
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
 
     @classmethod
     def _state_keys(cls, group):
@@ -77,7 +78,7 @@ class LAMB(WinOptimizer):
         scale = (1.0 - beta1) if group["grad_averaging"] else 1.0
         exp_avgs, exp_avg_sqs = adam_moments(ops, group, grads, states, first_moment_scale=scale)
         denom = ops.sqrt(exp_avg_sqs)
-        ops.div_(denom, math.sqrt(bc2))
+        ops.div_(denom, scalar_sqrt(bc2))
         ops.add_scalar_(denom, group["eps"])
         ops.reciprocal_(denom)
         ops.mul_tensors_(denom, exp_avgs)

@@ -21,7 +21,7 @@ class SGD(WinOptimizer):
     Args:
         lr (required), momentum (0.9), dampening (0), reckless_steps ((2.0, 8.0)), weight_decay (0),
         max_grad_norm (0; ``<= 0`` disables), nesterov (True), acceleration_mode ("win"),
-        eps (1e-8, used only by gradient clipping), foreach (None).
+        eps (1e-8, used only by gradient clipping), foreach (None), fused (None: see AdamW).
     """
 
     _integrated_decay = True
@@ -41,6 +41,7 @@ class SGD(WinOptimizer):
         acceleration_mode: str = "win",
         eps: float = 1e-8,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         if lr is None:
             raise ValueError("SGD_Win: lr is required (a number >= 0)")
@@ -49,7 +50,7 @@ class SGD(WinOptimizer):
             reckless_steps=reckless_steps,
             weight_decay=weight_decay, nesterov=nesterov, acceleration_mode=acceleration_mode, eps=eps,
         )
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
 
     @classmethod
     def _state_keys(cls, group):
@@ -58,8 +59,9 @@ class SGD(WinOptimizer):
     def _direction(self, ops, group, params, grads, states, steps):
         momentum, dampening = group["momentum"], group["dampening"]
         bufs = [s["momentum"] for s in states]
-        first = [i for i, t in enumerate(steps) if t == 1]
-        later = [i for i, t in enumerate(steps) if t != 1]
+        # Steps are ints; on the fused path they are 0-dim tensors, never 1 (first steps run eagerly).
+        first = [i for i, t in enumerate(steps) if isinstance(t, int) and t == 1]
+        later = [i for i, t in enumerate(steps) if not (isinstance(t, int) and t == 1)]
         if first:
             ops.copy_([bufs[i] for i in first], [grads[i] for i in first])
         if later:

@@ -1,0 +1,269 @@
+"""The ``fused=True`` path: the same step, compiled by ``torch.compile`` into a few fused kernels.
+
+Nothing here restates the math. The compiled function calls the optimizer's own ``_apply`` (its
+``_direction`` and ``_win.accelerate`` / ``_win.vanilla_step``) over the ``FOREACH`` operations; the
+compiler fuses the ~15 multi-tensor passes of the eager foreach step into one loop per tensor, which
+reads and writes each array once (parameter, gradient, moments, ``x``, ``y``): the memory-bandwidth floor.
+
+How it is compiled, and why:
+
+- **Step-varying scalars are tensors.** The learning rate and the step count enter as 0-dim float64
+  tensors, so the bias corrections and the Win coefficients are computed inside the graph from them and
+  a scheduler changing ``lr`` every step does not recompile. Every other hyper-parameter (betas, eps,
+  weight decay, ...) is a constant of the graph: changing one recompiles.
+- **Scalars are computed once per call.** Every tensor scalar handed to an operation is also returned
+  by the compiled function, which makes the compiler compute it once into a buffer instead of inlining
+  ``pow``/``sqrt`` into the per-element loop (which made the loop compute-bound).
+- **Compile time does not grow with the model.** A graph over all ~150 tensors of a ViT takes minutes to
+  compile on 2 cores (the scheduler is super-linear in the number of nodes). Instead, parameters are
+  viewed as 1-D tensors and stepped in buckets of ``BUCKET`` tensors by one graph with dynamic sizes;
+  the last bucket is padded with small scratch tensors, so one compiled graph serves every bucket of
+  every model with that optimizer, mode, dtype and device.
+- **First steps run eagerly.** A parameter's first step (state creation, SGD's buffer initialisation)
+  runs on the foreach path; so do tensors the graph cannot take as flat views (non-contiguous, fewer
+  than 2 elements). Results are the same: it is the same code.
+
+The compiled graph is cached per (optimizer class, mode, backend); ``torch.compile``'s guards then
+specialise it per dtype, device and constant hyper-parameters. ``compile_counter()`` counts the graphs
+compiled so far (tests assert that a cosine schedule compiles once).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+from ._ops import _ForeachOps
+from ._win import extra_state_keys
+
+#: Tensors per compiled call. Larger buckets amortise the per-call overhead (~0.1 ms) but compile longer.
+BUCKET = int(os.environ.get("HF_WIN_FUSED_BUCKET", "8"))
+#: ``torch.compile`` backend; ``"inductor"`` generates the fused kernels. Tests may use ``"aot_eager"``.
+BACKEND = os.environ.get("HF_WIN_FUSED_BACKEND", "inductor")
+_SCRATCH_NUMEL = 2  # padding tensors: dynamic sizes of 0 and 1 would be specialised by the compiler
+
+_COMPILED: Dict[tuple, object] = {}
+_WARNED: set = set()
+#: Distinct sets of constant hyper-parameters compiled per (optimizer, mode) before falling back.
+MAX_VARIANTS = 8
+_COUNTS = {"compiles": 0, "calls": 0}
+
+
+class _FusedOps(_ForeachOps):
+    """``FOREACH`` that also records the tensor scalars it is given (see "computed once" above)."""
+
+    name = "fused"
+
+    def __init__(self):
+        self.scalars: List[Tensor] = []
+
+    def _keep(self, s):
+        if isinstance(s, Tensor):
+            self.scalars.append(s)
+        elif isinstance(s, (list, tuple)):
+            self.scalars.extend(x for x in s if isinstance(x, Tensor))
+        return s
+
+    def mul_(self, xs, scalar):
+        _ForeachOps.mul_(xs, self._keep(scalar))
+
+    def div_(self, xs, scalar):
+        # Divide by a tensor scalar as multiply by its reciprocal, computed once: a division per element
+        # costs more than the memory traffic on CPU. (Within an ulp of the eager division.)
+        if isinstance(scalar, Tensor):
+            _ForeachOps.mul_(xs, self._keep(1.0 / scalar))
+        elif isinstance(scalar, (list, tuple)) and scalar and isinstance(scalar[0], Tensor):
+            _ForeachOps.mul_(xs, self._keep([1.0 / s for s in scalar]))
+        else:
+            _ForeachOps.div_(xs, scalar)
+
+    def add_scalar_(self, xs, scalar):
+        _ForeachOps.add_scalar_(xs, self._keep(scalar))
+
+    def add_(self, xs, ys, alpha=1.0):
+        _ForeachOps.add_(xs, ys, alpha=self._keep(alpha))
+
+    def scaled(self, xs, scalar):
+        return _ForeachOps.scaled(xs, self._keep(scalar))
+
+
+def _stateless(cls):
+    """An object with the optimizer class's methods and attributes but none of an optimizer's state.
+
+    The compiled function calls ``_apply`` on it, so that the compiler traces the optimizer's own code
+    without guarding on (or trying to interpret) the ``torch.optim.Optimizer`` instance."""
+    namespace = {}
+    for klass in reversed(cls.__mro__):
+        if klass in (object, torch.optim.Optimizer) or not issubclass(klass, torch.optim.Optimizer):
+            continue
+        namespace.update({k: v for k, v in vars(klass).items() if not k.startswith("__")})
+    return type(f"{cls.__name__}FusedStep", (), namespace)()
+
+
+def _compiled(cls, mode: str, hyper: dict):
+    """The compiled step for these constants, or None when too many variants were compiled already
+    (a scheduler changing betas every step, e.g. ``OneCycleLR(cycle_momentum=True)``)."""
+    key = (cls, mode, BACKEND, tuple(sorted(hyper.items())))
+    fn = _COMPILED.get(key)
+    if fn is not None:
+        return fn
+    if sum(k[:3] == key[:3] for k in _COMPILED) >= MAX_VARIANTS:
+        if key[:3] not in _WARNED:
+            _WARNED.add(key[:3])
+            warnings.warn(
+                f"{cls.__name__}(fused=True): hyper-parameters other than lr changed more than {MAX_VARIANTS} "
+                "times; each change compiles the step again, so the remaining steps use the foreach path "
+                "(same results, slower). Keep betas/eps/weight_decay fixed to keep the fused path.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return None
+    impl = _stateless(cls)
+
+    def fused_step(hyper, params, grads, states, step, lr):
+        ops = _FusedOps()
+        impl._apply(ops, hyper, params, grads, states, [step] * len(params), lr=lr)
+        return ops.scalars
+
+    # A code object of its own per (class, mode, hyper-parameters): torch.compile keeps its cache (and
+    # its limit of 8 recompilations) per code object, so optimizers, modes and param groups with other
+    # constants do not evict each other's graphs.
+    code = fused_step.__code__.replace(co_name=f"hf_win_fused_{cls.__name__}_{mode}_{len(_COMPILED)}")
+    fn = types.FunctionType(code, fused_step.__globals__, code.co_name, None, fused_step.__closure__)
+    fn = torch.compile(fn, fullgraph=True, dynamic=True, backend=_counting(BACKEND))
+    _COMPILED[key] = fn
+    return fn
+
+
+def _counting(backend):
+    if backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx as inner
+    else:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        inner = lookup_backend(backend)
+
+    def counted(gm, example_inputs):
+        if backend == "inductor":
+            # Inputs are built by fused_apply (flat, contiguous, matching sizes): skip the per-call
+            # size/stride assertions of the generated wrapper (~40 per call).
+            with torch._inductor.config.patch(size_asserts=False):
+                compiled = inner(gm, example_inputs)
+        else:
+            compiled = inner(gm, example_inputs)  # may raise to restart tracing: not counted then
+        _COUNTS["compiles"] += 1
+        return compiled
+
+    return counted
+
+
+def compile_counter() -> Dict[str, int]:
+    """Graphs compiled and compiled calls made so far by the fused path (all optimizers)."""
+    return dict(_COUNTS)
+
+
+def reset() -> None:
+    """Forget the compiled graphs (they are compiled again on next use) and zero the counters."""
+    _COMPILED.clear()
+    _COUNTS.update(compiles=0, calls=0)
+    torch._dynamo.reset()
+
+
+class _Scratch:
+    """Small tensors padding the last bucket, per (dtype, device): never read back."""
+
+    def __init__(self):
+        self._pool = {}
+
+    def get(self, like: Tensor, n: int, keys) -> tuple:
+        k = (like.dtype, like.device, n, tuple(keys))
+        if k not in self._pool:
+            def t():
+                return torch.zeros(_SCRATCH_NUMEL, dtype=like.dtype, device=like.device)
+
+            self._pool[k] = ([t() for _ in range(n)], [t() for _ in range(n)], [{key: t() for key in keys} for _ in range(n)])
+        return self._pool[k]
+
+
+_SCRATCH = _Scratch()
+
+
+def fusable(p: Tensor) -> bool:
+    return p.layout == torch.strided and p.is_contiguous() and p.numel() >= _SCRATCH_NUMEL
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D alias of contiguous ``t`` sharing its version counter. ``detach()`` drops the view's
+    ``_base``: the compiler would otherwise guard on the base's shape, which differs between tensors."""
+    return t.view(-1).detach()
+
+
+def _flat_state(cache: dict, p: Tensor, state: dict, keys) -> tuple:
+    """1-D views of ``p`` and of its state buffers, cached while the buffers are the same tensors."""
+    entry = cache.get(id(p))
+    if entry is not None and entry[0] is p and all(state[k] is entry[2][k] for k in keys):
+        return entry[1], entry[3]
+    views = {k: _flat(state[k]) for k in keys}
+    entry = (p, _flat(p), {k: state[k] for k in keys}, views)
+    cache[id(p)] = entry
+    return entry[1], entry[3]
+
+
+def fused_apply(opt, group, params, grads, states, steps) -> List[int]:
+    """Step the fusable parameters of ``group`` with the compiled graph; return the indices left over.
+
+    ``params``/``grads``/``states``/``steps`` are as given to ``WinOptimizer._apply``. The caller runs
+    the left-over indices (first steps, non-contiguous or tiny tensors) on the foreach path."""
+    mode = group["acceleration_mode"]
+    keys = tuple(opt._state_keys(group)) + tuple(extra_state_keys(mode))
+    cache = opt.__dict__.setdefault("_fused_views", {})
+    hyper = {k: v for k, v in group.items() if k not in ("params", "lr", "step")}
+    lr_value = float(group["lr"])
+
+    rest: List[int] = []
+    buckets: Dict[tuple, List[int]] = {}
+    for i, (p, g, t) in enumerate(zip(params, grads, steps)):
+        if t == 1 or not fusable(p) or not g.is_contiguous() or g.dtype != p.dtype or not all(
+            states[i][k].is_contiguous() for k in keys
+        ):
+            rest.append(i)
+        else:
+            buckets.setdefault((t, p.dtype, p.device), []).append(i)
+    if not buckets:
+        return rest
+
+    fn = _compiled(type(opt), mode, hyper)
+    if fn is None:
+        return list(range(len(params)))
+    from torch.fx.experimental import _config as fx_config
+
+    saved = fx_config.use_duck_shape, torch._dynamo.config.specialize_float
+    fx_config.use_duck_shape = False  # sizes are independent symbols: no guard "tensor 3 == tensor 5"
+    torch._dynamo.config.specialize_float = True  # hyper-parameters are constants of the graph
+    try:
+        for (t, dtype, device), idx in buckets.items():
+            scalar_dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+            step = torch.tensor(float(t), dtype=scalar_dtype, device=device)
+            lr = torch.tensor(lr_value, dtype=scalar_dtype, device=device)
+            flat_p, flat_g, flat_s = [], [], []
+            for i in idx:
+                fp, fs = _flat_state(cache, params[i], states[i], keys)
+                flat_p.append(fp)
+                flat_g.append(_flat(grads[i]))
+                flat_s.append(fs)
+            for start in range(0, len(idx), BUCKET):
+                bp, bg, bs = flat_p[start : start + BUCKET], flat_g[start : start + BUCKET], flat_s[start : start + BUCKET]
+                pad = BUCKET - len(bp)
+                if pad:
+                    sp, sg, ss = _SCRATCH.get(bp[0], pad, keys)
+                    bp, bg, bs = bp + sp, bg + sg, bs + ss
+                fn(hyper, bp, bg, bs, step, lr)
+                _COUNTS["calls"] += 1
+    finally:
+        fx_config.use_duck_shape, torch._dynamo.config.specialize_float = saved
+    return rest
