@@ -10,6 +10,9 @@ from .registry import OPTIMIZERS, OptimizerSpec, available_optimizers, create_op
 from .trainer import WinTrainer, get_optimizer_cls_and_kwargs
 from .training_args import WinTrainingArguments
 
+# --- Multi-process training (issue 5) ---
+from .optim import ShardingError
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -17,4 +20,5 @@ __all__ = [
     "AdamW_Win", "Adam_Win", "LAMB_Win", "Lamb_Win", "SGD_Win", "Adan_Win",
     "OPTIMIZERS", "OptimizerSpec", "available_optimizers", "create_optimizer", "get_optimizer_spec",
     "WinTrainingArguments", "WinTrainer", "get_optimizer_cls_and_kwargs",
+    "ShardingError",
 ]
