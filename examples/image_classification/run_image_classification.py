@@ -83,6 +83,15 @@ class ModelArguments:
         default=0.0,
         metadata={"help": "Stochastic depth (timm --drop-path) for ViT: rate rising linearly over the layers to this value."},
     )
+    weight_decay_filter: str = field(
+        default="trainer",
+        metadata={
+            "help": "Which parameters get weight decay. 'trainer': all but biases and norm weights (the Trainer's "
+            "rule); 'timm': all but 1-d parameters, position embeddings and the class token (timm/DeiT); 'all': every "
+            "parameter (timm --bias-decay).",
+            "choices": ["trainer", "timm", "all"],
+        },
+    )
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Where to cache downloaded models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)."})
     token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models or datasets."})
@@ -155,6 +164,10 @@ class AugmentationArguments:
     )
     bce_loss: bool = field(
         default=False, metadata={"help": "Binary cross-entropy on the (soft) targets instead of softmax cross-entropy (timm --bce-loss)."}
+    )
+    interpolation: Optional[str] = field(
+        default=None,
+        metadata={"help": "Resize interpolation; default the image processor's.", "choices": ["bilinear", "bicubic", "nearest"]},
     )
     eval_crop_pct: Optional[float] = field(
         default=None,
@@ -278,8 +291,15 @@ def parse_arguments(argv: Optional[Sequence[str]] = None):
     parser = make_parser()
     tokens: List[str] = []
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
-        tokens += _to_tokens(load_argument_file(argv[0]), parser, argv[0])
-        argv = argv[1:]
+        path, argv = argv[0], argv[1:]
+        options = load_argument_file(path)
+        cli = {t[2:].split("=", 1)[0] for t in argv if t.startswith("--")}
+        # A data source on the command line replaces the file's (image folders instead of the Hub set, ...).
+        if cli & {"train_dir", "validation_dir"}:
+            options = {k: v for k, v in options.items() if k not in ("dataset_name", "dataset_config_name")}
+        if "dataset_name" in cli:
+            options = {k: v for k, v in options.items() if k not in ("train_dir", "validation_dir")}
+        tokens += _to_tokens(options, parser, path)
     tokens += argv
     given = {t[2:].split("=", 1)[0] for t in tokens if t.startswith("--")}
     default_data = not any(name in given for name in DATA_ARGUMENTS)
@@ -326,13 +346,6 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, defa
                 data_args.dataset_config_name,
                 cache_dir=model_args.cache_dir,
                 token=model_args.token,
-                trust_remote_code=model_args.trust_remote_code,
-                streaming=data_args.streaming,
-            ) if _load_dataset_takes_trust_remote_code() else datasets.load_dataset(
-                data_args.dataset_name,
-                data_args.dataset_config_name,
-                cache_dir=model_args.cache_dir,
-                token=model_args.token,
                 streaming=data_args.streaming,
             )
         except (FileNotFoundError, ConnectionError, ValueError) as err:
@@ -353,14 +366,6 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, defa
         )
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"--train_dir {data_args.train_dir}: no images found ({' '.join(str(err).split())})") from None
-
-
-def _load_dataset_takes_trust_remote_code() -> bool:
-    import inspect
-
-    import datasets
-
-    return "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters
 
 
 def split_and_check(dataset, data_args: DataTrainingArguments, training_args):
@@ -576,11 +581,23 @@ class ImageClassificationTrainer(WinTrainer):
 
     loss_is_scaled_for_ga = False  # our loss is a per-batch mean: the Trainer divides by accumulation steps
 
-    def __init__(self, *args, batch_augment: BatchAugment, bce_loss: bool = False, **kwargs):
+    def __init__(self, *args, batch_augment: BatchAugment, bce_loss: bool = False,
+                 weight_decay_filter: str = "trainer", **kwargs):
         super().__init__(*args, **kwargs)
         self.batch_augment = batch_augment
         self.bce_loss = bce_loss
+        self.weight_decay_filter = weight_decay_filter
         self.label_smoother = None  # label smoothing lives in the soft targets
+
+    def get_decay_parameter_names(self, model) -> List[str]:
+        if self.weight_decay_filter == "trainer":
+            return super().get_decay_parameter_names(model)
+        named = [(n, p) for n, p in model.named_parameters()]
+        if self.weight_decay_filter == "all":
+            return [n for n, _ in named]
+        # timm's param_groups_weight_decay with DeiT's no_weight_decay() = {pos_embed, cls_token}
+        return [n for n, p in named if p.ndim > 1 and not n.endswith(".bias")
+                and not n.endswith(("position_embeddings", "cls_token", "mask_token"))]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
@@ -689,7 +706,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     model, image_processor = build_model(model_args, labels, training_args)
 
     size = _target_size(image_processor)
-    mode = _PIL_TO_MODE.get(int(getattr(image_processor, "resample", 2) or 2), "bilinear")
+    mode = aug_args.interpolation or _PIL_TO_MODE.get(int(getattr(image_processor, "resample", 2) or 2), "bilinear")
     img_col, lab_col = data_args.image_column_name, data_args.label_column_name
     train_ds = eval_ds = None
     if training_args.do_train:
@@ -731,6 +748,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         processing_class=image_processor,
         batch_augment=batch_augment,
         bce_loss=aug_args.bce_loss,
+        weight_decay_filter=model_args.weight_decay_filter,
     )
     np.random.seed(training_args.seed)
     random.seed(training_args.seed)
