@@ -161,3 +161,13 @@ def test_help_explains_the_flags():
     assert "optimizer's own max_grad_norm stays 0 under the Trainer" in flat
     for name in OPTIMIZERS:
         assert name in flat
+
+
+def test_readme_optim_args_table_matches_the_registry():
+    from pathlib import Path
+
+    from hf_win.training_args import optim_args_markdown_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("<!-- section:trainer -->"):readme.index("<!-- /section:trainer -->")]
+    assert optim_args_markdown_table() in section, "regenerate with hf_win.training_args.optim_args_markdown_table()"

@@ -136,13 +136,14 @@ def test_sharded_checkpoint_and_mismatched_checkpoint(tmp_path, caplog):
 def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
     kw = base_args(tmp_path, optim="adamw_win", acceleration_mode="win2", max_steps=6, save_strategy="steps",
                    save_steps=2, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
-                   metric_for_best_model="eval_loss", learning_rate=0.05)
+                   metric_for_best_model="eval_loss", learning_rate=0.05,
+                   greater_is_better=True)  # the worst loss: an early checkpoint, not the final weights
     model = tiny_vit()
     trainer = WinTrainer(model=model, args=WinTrainingArguments(**kw), train_dataset=TinyImages(n=48),
                          eval_dataset=TinyImages(n=16, seed=2))
     trainer.train()
     best = trainer.state.best_model_checkpoint
-    assert best is not None
+    assert best is not None and not best.endswith("checkpoint-6")
     reference = ViTForImageClassification.from_pretrained(best)
     for (n, p1), (_, p2) in zip(reference.named_parameters(), model.named_parameters()):
         assert torch.equal(p1, p2), n
