@@ -13,7 +13,6 @@ The mapping from arguments to optimizer keywords lives in :func:`win_optimizer_k
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -80,7 +79,9 @@ def optim_args_keys(name: str) -> Dict[str, str]:
         elif isinstance(default, (int, float)):
             keys[key] = "float"
         else:  # pragma: no cover - a new constructor keyword of another kind must be added here
-            raise TypeError(f"{spec.name}: cannot map constructor keyword {key!r} (default {default!r}) to --optim_args")
+            raise TypeError(
+                f"{spec.name}: cannot map constructor keyword {key!r} (default {default!r}) to --optim_args"
+            )
     return keys
 
 
@@ -171,7 +172,9 @@ def parse_win_optim_args(name: str, optim_args: Any) -> Dict[str, Any]:
             k, v = item.split("=")
             items.append((k.strip(), v.strip()))
     else:
-        raise ValueError(f"--optim_args must be a string 'key=value,key=value' or a dict, got {type(optim_args).__name__}")
+        raise ValueError(
+            f"--optim_args must be a string 'key=value,key=value' or a dict, got {type(optim_args).__name__}"
+        )
     out: Dict[str, Any] = {}
     for key, raw in items:
         if key in out:
