@@ -70,6 +70,25 @@ class WinTrainer(CheckpointNamesMixin, Trainer):
     # Trainer.create_optimizer calls self.get_optimizer_cls_and_kwargs(self.args, model).
     get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_fsdp_enabled()
+
+    def _check_fsdp_enabled(self) -> None:
+        """``--fsdp`` must not be dropped silently. Accelerate (1.15) turns the Trainer's FSDP plugin into an
+        FSDP run only for GPU-type processes; on CPU processes (``--use_cpu`` under torchrun) it keeps
+        ``MULTI_CPU`` and the run would train unsharded, as DDP, without a word."""
+        if getattr(self.args, "fsdp", None) and not (
+            getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False)
+        ):
+            kind = str(getattr(self.accelerator, "distributed_type", "unknown")).split(".")[-1]
+            raise ValueError(
+                f"--fsdp was given but Accelerate did not enable FSDP for these processes (distributed type "
+                f"{kind}): Accelerate enables FSDP only on GPU-type devices, so this run would train unsharded "
+                "(as DDP). Drop --fsdp to train with DDP on CPU processes, use --deepspeed (ZeRO runs on CPU), "
+                "or run FSDP on GPUs."
+            )
+
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)

@@ -127,6 +127,38 @@ def trainer_reference(name: str, mode: str, steps: int = STEPS):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@functools.lru_cache(maxsize=None)
+def trainer_reference_per_shard_norms(name: str, mode: str, shards: int = 2, steps: int = STEPS):
+    """As :func:`trainer_reference`, but every parameter is split along dim 0 into ``shards`` pieces (the
+    pieces FSDP2 gives each process) and the optimizer steps the pieces as separate parameters: what a
+    sharded run would give if per-parameter norms (LAMB's trust ratio) were taken over the local shard
+    only. The model's forward sees the concatenated pieces; clipping is over all pieces (the whole gradient)."""
+    import tempfile
+
+    from hf_win import WinTrainingArguments, get_optimizer_cls_and_kwargs
+
+    with tempfile.TemporaryDirectory() as out:
+        args = WinTrainingArguments(output_dir=out, optim=name, acceleration_mode=mode, learning_rate=LR,
+                                    weight_decay=WEIGHT_DECAY, use_cpu=True, report_to="none")
+        cls, kwargs = get_optimizer_cls_and_kwargs(args)
+    model = make_model()
+    pieces = {n: [c.detach().clone().requires_grad_(True) for c in p.chunk(shards, dim=0)]
+              for n, p in model.named_parameters()}
+    decay = [c for n, cs in pieces.items() for c in cs if cs[0].ndim >= 2]
+    no_decay = [c for n, cs in pieces.items() for c in cs if cs[0].ndim < 2]
+    opt = cls([{"params": decay, "weight_decay": kwargs.get("weight_decay", WEIGHT_DECAY)},
+               {"params": no_decay, "weight_decay": 0.0}], **kwargs)
+    x, labels = make_data()
+    for step in range(steps):
+        sl = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
+        opt.zero_grad(set_to_none=True)
+        full = {n: torch.cat(cs, dim=0) for n, cs in pieces.items()}
+        torch.func.functional_call(model, full, (x[sl], labels[sl]))["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(decay + no_decay, TRAINER_MAX_GRAD_NORM)
+        opt.step()
+    return {n: torch.cat(cs, dim=0).detach().clone() for n, cs in pieces.items()}
+
+
 def param_count() -> int:
     return sum(p.numel() for p in make_model().parameters())
 
