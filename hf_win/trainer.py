@@ -8,6 +8,7 @@ optimizer over the same parameter groups.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -75,17 +76,19 @@ class WinTrainer(CheckpointNamesMixin, Trainer):
         self._check_fsdp_enabled()
 
     def _check_fsdp_enabled(self) -> None:
-        """``--fsdp`` must not be dropped silently. Accelerate (1.15) turns the Trainer's FSDP plugin into an
-        FSDP run only for GPU-type processes; on CPU processes (``--use_cpu`` under torchrun) it keeps
-        ``MULTI_CPU`` and the run would train unsharded, as DDP, without a word."""
-        if getattr(self.args, "fsdp", None) and not (
-            getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False)
-        ):
+        """``--fsdp`` (or ``accelerate launch`` with an FSDP config) must not be dropped silently. Accelerate
+        (1.15) turns an FSDP plugin into an FSDP run only for GPU-type processes; on CPU processes
+        (``--use_cpu`` under torchrun) it keeps ``MULTI_CPU`` and the run would train unsharded, as DDP,
+        without a word."""
+        asked = "--fsdp" if getattr(self.args, "fsdp", None) else None
+        if asked is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            asked = "ACCELERATE_USE_FSDP=true (accelerate launch with an FSDP config)"
+        if asked and not (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False)):
             kind = str(getattr(self.accelerator, "distributed_type", "unknown")).split(".")[-1]
             raise ValueError(
-                f"--fsdp was given but Accelerate did not enable FSDP for these processes (distributed type "
+                f"{asked} was given but Accelerate did not enable FSDP for these processes (distributed type "
                 f"{kind}): Accelerate enables FSDP only on GPU-type devices, so this run would train unsharded "
-                "(as DDP). Drop --fsdp to train with DDP on CPU processes, use --deepspeed (ZeRO runs on CPU), "
+                "(as DDP). Drop the FSDP request to train with DDP on CPU processes, use --deepspeed (ZeRO runs on CPU), "
                 "or run FSDP on GPUs."
             )
 

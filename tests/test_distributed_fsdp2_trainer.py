@@ -86,3 +86,5 @@ def test_fsdp_flag_not_silently_dropped_on_cpu(results):
     msg = results["errors"]["fsdp2_without_shim"]
     assert msg is not None, "--fsdp on CPU processes was accepted although Accelerate did not enable FSDP"
     assert "--fsdp" in msg and "MULTI_CPU" in msg and "unsharded" in msg and "GPU" in msg
+    msg = results["errors"]["accelerate_fsdp_without_shim"]  # the accelerate-launch route (environment)
+    assert msg is not None and "ACCELERATE_USE_FSDP=true" in msg and "MULTI_CPU" in msg

@@ -6,8 +6,8 @@ For every registry optimizer in win and win2 it trains ``TinyNet`` for a few ste
 2. DDP + ``torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=<Win optimizer>)`` (each
    process keeps the state of about half of the parameters);
 3. FSDP2: ``torch.distributed.fsdp.fully_shard`` per layer on a CPU device mesh (DTensor parameters), the
-   optimizer's own clipping on. (Accelerate 1.15 enables FSDP only for GPU-type devices, so the Trainer's
-   FSDP2 path cannot run on CPU; this is the same FSDP2 machinery the Trainer would use.)
+   optimizer's own clipping on. (FSDP2 through ``WinTrainer`` / Accelerate is tested in
+   ``test_distributed_fsdp2_trainer.py``.)
 Rank 0 writes the final parameters, the per-process optimizer-state bytes and the refusal message for the
 optimizer's own clipping under ZeroRedundancyOptimizer to ``argv[1]``.
 """

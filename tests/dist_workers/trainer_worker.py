@@ -176,6 +176,14 @@ def main(out_path, modes, names):
         except ValueError as e:
             errors["fsdp2_without_shim"] = str(e)
         reset()
+        os.environ["ACCELERATE_USE_FSDP"] = "true"  # what accelerate launch with an FSDP config sets
+        try:
+            WinTrainer(model=common.make_model(), args=make_args(os.path.join(tmp, "noshim"), "adamw_win", "win",
+                                                                  "ddp", world), train_dataset=Data())
+            errors["accelerate_fsdp_without_shim"] = None
+        except ValueError as e:
+            errors["accelerate_fsdp_without_shim"] = str(e)
+        reset()
         allow_fsdp_on_cpu()
     for mode in modes:
         t0 = time.time()
