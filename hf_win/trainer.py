@@ -87,9 +87,9 @@ class WinTrainer(CheckpointNamesMixin, Trainer):
             kind = str(getattr(self.accelerator, "distributed_type", "unknown")).split(".")[-1]
             raise ValueError(
                 f"{asked} was given but Accelerate did not enable FSDP for these processes (distributed type "
-                f"{kind}): Accelerate enables FSDP only on GPU-type devices, so this run would train unsharded "
-                "(as DDP). Drop the FSDP request to train with DDP on CPU processes, use --deepspeed (ZeRO runs on CPU), "
-                "or run FSDP on GPUs."
+                f"{kind}): Accelerate enables FSDP only on GPU-type devices, so this run would train "
+                "unsharded (as DDP). Drop the FSDP request to train with DDP on CPU processes, use --deepspeed "
+                "(ZeRO runs on CPU), or run FSDP on GPUs."
             )
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
