@@ -6,10 +6,15 @@ from .optim import (
 )
 from .registry import OPTIMIZERS, OptimizerSpec, available_optimizers, create_optimizer, get_optimizer_spec
 
+# --- Hugging Face Trainer integration (issue 3) ---
+from .trainer import WinTrainer, get_optimizer_cls_and_kwargs
+from .training_args import WinTrainingArguments
+
 __version__ = "0.1.0"
 
 __all__ = [
     "WinOptimizer", "AdamW", "Adam", "LAMB", "SGD", "Adan", "MODES",
     "AdamW_Win", "Adam_Win", "LAMB_Win", "Lamb_Win", "SGD_Win", "Adan_Win",
     "OPTIMIZERS", "OptimizerSpec", "available_optimizers", "create_optimizer", "get_optimizer_spec",
+    "WinTrainingArguments", "WinTrainer", "get_optimizer_cls_and_kwargs",
 ]

@@ -68,3 +68,23 @@ def create_optimizer(name: str, params, **kwargs) -> WinOptimizer:
             f"{spec.name} does not take {', '.join(unknown)}; accepted keywords: {', '.join(spec.accepted_keys)}"
         )
     return spec.cls(params, **kwargs)
+
+
+def markdown_table() -> str:
+    """The README's optimizer table, generated from the registry (a test keeps the README in sync)."""
+    rows = [
+        "| `--optim` name | class (alias) | defaults | state buffers per parameter: none / win / win2 | fp32 bytes per parameter: none / win / win2 |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in OPTIMIZERS.values():
+        hp = spec.hyperparameters
+        shown = {k: v for k, v in hp.items() if k not in ("reckless_steps", "acceleration_mode", "foreach", "fused")}
+        defaults = ", ".join(
+            f"{k}={'required' if v is inspect.Parameter.empty or v is None else v}" for k, v in shown.items()
+        )
+        buffers = [spec.cls.buffers_per_parameter(m, **{k: v for k, v in hp.items() if v is not inspect.Parameter.empty}) for m in ("none", "win", "win2")]
+        rows.append(
+            f"| `{spec.name}` | `{spec.cls.__name__}` (`{spec.cls.__name__}_Win`) | {defaults} | "
+            f"{' / '.join(map(str, buffers))} | {' / '.join(str(4 * b) for b in buffers)} |"
+        )
+    return "\n".join(rows)

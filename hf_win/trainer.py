@@ -1,0 +1,96 @@
+"""``WinTrainer``: ``transformers.Trainer`` whose optimizer comes from the hf_win registry.
+
+Use exactly like ``Trainer`` with :class:`hf_win.WinTrainingArguments`. For a plain ``Trainer``:
+``Trainer(..., optimizer_cls_and_kwargs=hf_win.get_optimizer_cls_and_kwargs(args))`` builds the same
+optimizer over the same parameter groups.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from transformers import Trainer
+
+from .optim import WinOptimizer
+from .training_args import is_win_optimizer, win_optimizer_kwargs
+
+__all__ = ["WinTrainer", "get_optimizer_cls_and_kwargs", "optimizer_state_bytes"]
+
+# The Trainer's own logger: the train-start summary appears where the Trainer's
+# "***** Running training *****" does, at the same --log_level.
+logger = logging.getLogger("transformers.trainer")
+
+
+def get_optimizer_cls_and_kwargs(args, model: Optional[torch.nn.Module] = None) -> Tuple[type, Dict[str, Any]]:
+    """``(optimizer class, keywords)`` for ``args`` (a ``TrainingArguments``).
+
+    A registry name in ``args.optim`` gives the Win optimizer with lr / weight_decay / betas / eps from the
+    standard fields, ``acceleration_mode`` / ``reckless_steps`` from :class:`WinTrainingArguments`, the
+    parsed ``--optim_args`` and ``max_grad_norm=0`` (the Trainer clips). Any other name is delegated to
+    ``transformers.Trainer.get_optimizer_cls_and_kwargs``. The result fits
+    ``Trainer(optimizer_cls_and_kwargs=...)``.
+    """
+    optim = getattr(args.optim, "value", args.optim)
+    if is_win_optimizer(optim):
+        return win_optimizer_kwargs(args)
+    return Trainer.get_optimizer_cls_and_kwargs(args, model)
+
+
+def optimizer_state_bytes(optimizer_cls: type, kwargs: Dict[str, Any], params) -> int:
+    """Bytes of optimizer state ``optimizer_cls(**kwargs)`` will hold for ``params`` once every one has
+    been stepped (parameter-sized buffers in the parameters' dtype)."""
+    n = optimizer_cls.buffers_per_parameter(kwargs.get("acceleration_mode", "win"), **_hyper(kwargs))
+    return n * sum(p.numel() * p.element_size() for p in params)
+
+
+def _hyper(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k != "acceleration_mode"}
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024.0
+    return f"{n} B"  # pragma: no cover
+
+
+class WinTrainer(Trainer):
+    """``transformers.Trainer`` with the Win optimizers. Nothing else changes: same arguments, same
+    parameter groups (no weight decay on biases and norm weights), same checkpoints."""
+
+    # Trainer.create_optimizer calls self.get_optimizer_cls_and_kwargs(self.args, model).
+    get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh:
+            self._log_win_optimizer(optimizer)
+        return optimizer
+
+    def _log_win_optimizer(self, optimizer) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not isinstance(inner, WinOptimizer):
+            return
+        defaults = inner.defaults
+        params = [p for g in inner.param_groups for p in g["params"]]
+        n = type(inner).buffers_per_parameter(defaults["acceleration_mode"], **_hyper(defaults))
+        nbytes = optimizer_state_bytes(type(inner), defaults, params)
+        name = getattr(self.args.optim, "value", self.args.optim)
+        self.win_optimizer_summary = {
+            "optimizer": name,
+            "class": type(inner).__name__,
+            "acceleration_mode": defaults["acceleration_mode"],
+            "reckless_steps": tuple(defaults["reckless_steps"]),
+            "state_buffers_per_parameter": n,
+            "state_bytes": nbytes,
+        }
+        logger.info(
+            "hf_win optimizer: %s (%s), acceleration_mode=%s, reckless_steps=%s, optimizer state: %d "
+            "buffers per parameter = %s for %d parameters",
+            name, type(inner).__name__, defaults["acceleration_mode"], tuple(defaults["reckless_steps"]), n,
+            _fmt_bytes(nbytes), sum(p.numel() for p in params),
+        )

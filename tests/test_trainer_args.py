@@ -1,0 +1,163 @@
+"""WinTrainingArguments: the Win flags parse from the command line, JSON and YAML; bad values fail at
+parse time with the allowed values in the message."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+from transformers import HfArgumentParser
+from transformers.training_args import OptimizerNames
+
+import hf_win
+from hf_win import OPTIMIZERS, WinTrainingArguments, get_optimizer_cls_and_kwargs
+from hf_win.training_args import optim_args_keys
+
+BASE = ["--output_dir", "unused", "--report_to", "none", "--use_cpu"]
+
+
+def parse_cli(*argv):
+    (args,) = HfArgumentParser(WinTrainingArguments).parse_args_into_dataclasses(list(BASE) + list(argv))
+    return args
+
+
+def test_cli_win_flags():
+    args = parse_cli("--optim", "sgd_win", "--acceleration_mode", "win2", "--reckless_steps", "1.5", "6",
+                     "--optim_args", "momentum=0.8, nesterov=false,dampening=0.1", "--learning_rate", "0.1")
+    assert (args.optim, args.acceleration_mode, args.reckless_steps) == ("sgd_win", "win2", [1.5, 6.0])
+    cls, kw = get_optimizer_cls_and_kwargs(args)
+    assert cls is hf_win.SGD
+    assert kw["momentum"] == 0.8 and kw["nesterov"] is False and kw["dampening"] == 0.1
+    assert kw["acceleration_mode"] == "win2" and kw["reckless_steps"] == (1.5, 6.0) and kw["lr"] == 0.1
+
+
+def test_defaults():
+    args = parse_cli()
+    assert args.optim == "adamw_win" and args.acceleration_mode == "win" and args.reckless_steps == [2.0, 8.0]
+    cls, kw = get_optimizer_cls_and_kwargs(args)
+    assert cls is hf_win.AdamW and kw["betas"] == (0.9, 0.999) and kw["max_grad_norm"] == 0.0
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_json_and_yaml_files(tmp_path, fmt):
+    data = {"output_dir": str(tmp_path), "report_to": "none", "use_cpu": True, "optim": "adan_win",
+            "acceleration_mode": "win2", "reckless_steps": [3, 9], "optim_args": "beta3=0.995,foreach=false",
+            "adam_beta1": 0.98, "adam_beta2": 0.92, "weight_decay": 0.02}
+    path = tmp_path / f"args.{fmt}"
+    path.write_text(json.dumps(data) if fmt == "json" else yaml.safe_dump(data))
+    parser = HfArgumentParser(WinTrainingArguments)
+    (args,) = parser.parse_json_file(path) if fmt == "json" else parser.parse_yaml_file(path)
+    assert args.reckless_steps == [3.0, 9.0]
+    cls, kw = get_optimizer_cls_and_kwargs(args)
+    assert cls is hf_win.Adan
+    assert kw["betas"] == (0.98, 0.92, 0.995) and kw["foreach"] is False
+    assert kw["acceleration_mode"] == "win2" and kw["reckless_steps"] == (3.0, 9.0) and kw["weight_decay"] == 0.02
+
+    # A dict for optim_args in a file works too and is kept as the canonical string.
+    data["optim_args"] = {"beta3": 0.9, "foreach": True}
+    path.write_text(json.dumps(data) if fmt == "json" else yaml.safe_dump(data))
+    (args,) = parser.parse_json_file(path) if fmt == "json" else parser.parse_yaml_file(path)
+    assert args.optim_args == "beta3=0.9,foreach=True"
+    assert get_optimizer_cls_and_kwargs(args)[1]["betas"] == (0.98, 0.92, 0.9)
+
+    bad = dict(data, acceleration_mode="win3")
+    path.write_text(json.dumps(bad) if fmt == "json" else yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match="acceleration_mode must be one of win, win2, none"):
+        parser.parse_json_file(path) if fmt == "json" else parser.parse_yaml_file(path)
+
+
+def test_builtin_names_unchanged():
+    args = parse_cli("--optim", "adamw_torch", "--optim_args", "anything=goes")
+    assert args.optim == OptimizerNames.ADAMW_TORCH
+    assert get_optimizer_cls_and_kwargs(args)[0].__name__ == "AdamW"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optim", "adamw_wim"], r"invalid choice: 'adamw_wim'.*adamw_win"),
+        (["--acceleration_mode", "win3"], r"invalid choice: 'win3'.*'win', 'win2', 'none'"),
+        (["--reckless_steps", "2.0"], r"reckless_steps must be two positive numbers"),
+        (["--reckless_steps", "2", "8", "9"], r"reckless_steps must be two positive numbers"),
+        (["--reckless_steps", "0", "8"], r"reckless_steps must be two positive numbers"),
+        (["--optim_args", "momentum=0.9"], r"adamw_win does not use 'momentum'; it accepts: amsgrad \(bool\), foreach"),
+        (["--optim_args", "max_grad_norm=1.0"], r"max_grad_norm is not an --optim_args key; set it with --max_grad_norm"),
+        (["--optim_args", "lr=0.1"], r"set it with --learning_rate"),
+        (["--optim_args", "betas=0.9"], r"set it with --adam_beta1 / --adam_beta2"),
+        (["--optim_args", "amsgrad=maybe"], r"amsgrad='maybe' for adamw_win is not valid; amsgrad takes true/false"),
+        (["--optim_args", "amsgrad"], r"not of the form key=value; adamw_win accepts: amsgrad"),
+        (["--optim", "sgd_win", "--optim_args", "momentum=1.5"], r"momentum must be in \[0, 1\).*accepts: momentum"),
+        (["--optim", "sgd_win", "--optim_args", "momentum=fast"], r"momentum takes a number"),
+        (["--optim", "sgd_win", "--adam_beta1", "0.5"], r"--adam_beta1 is not used by sgd_win"),
+        (["--optim", "adan_win", "--optim_args", "beta3=1.0"], r"betas must be 3 numbers each in \[0, 1\)"),
+        (["--optim", "lamb_win", "--optim_args", "trust_clip=1,trust_clip=0"], r"trust_clip is given twice"),
+        (["--optim", "lamb_win", "--adam_epsilon", "-1"], r"eps must be a number >= 0"),
+        (["--optim", "adamw_torch", "--acceleration_mode", "win2"], r"apply to the Win optimizers"),
+        (["--optim", "adamw_torch", "--reckless_steps", "1", "2"], r"apply to the Win optimizers"),
+    ],
+)
+def test_bad_values_fail_at_parse_time(argv, message, capsys):
+    try:
+        parse_cli(*argv)
+    except SystemExit:  # argparse rejects a choice: the message is on stderr
+        text = capsys.readouterr().err
+    except ValueError as e:
+        text = str(e)
+    else:
+        pytest.fail(f"{argv} parsed without error")
+    assert re.search(message, text, re.S), text
+
+
+def test_bad_values_in_code():
+    with pytest.raises(ValueError, match=r"optim='nope' is not an optimizer name; Win optimizers: adamw_win"):
+        WinTrainingArguments(output_dir="x", optim="nope", report_to="none")
+    with pytest.raises(ValueError, match="reckless_steps"):
+        WinTrainingArguments(output_dir="x", reckless_steps=[1.0, float("nan")], report_to="none")
+
+
+def test_optim_args_keys_follow_the_registry():
+    mapped = {"lr", "betas", "eps", "weight_decay", "acceleration_mode", "reckless_steps", "max_grad_norm"}
+    for name, spec in OPTIMIZERS.items():
+        keys = set(optim_args_keys(name))
+        expected = set(spec.accepted_keys) - mapped
+        if "betas" in spec.accepted_keys and spec.cls._n_betas == 3:
+            expected.add("beta3")
+        assert keys == expected, name
+    assert set(optim_args_keys("lamb_win")) == {"bias_correction", "grad_averaging", "trust_clip", "always_adapt", "foreach"}
+    assert set(optim_args_keys("sgd_win")) == {"momentum", "dampening", "nesterov", "foreach"}
+    assert set(optim_args_keys("adan_win")) == {"beta3", "foreach"}
+
+
+def test_every_optim_args_key_reaches_the_optimizer():
+    values = {"bool": "false", "bool|none": "false", "float": "0.5"}
+    for name in OPTIMIZERS:
+        keys = optim_args_keys(name)
+        s = ",".join(f"{k}={values[kind]}" for k, kind in keys.items())
+        args = WinTrainingArguments(output_dir="x", report_to="none", optim=name, optim_args=s)
+        cls, kw = get_optimizer_cls_and_kwargs(args)
+        opt = cls([__import__("torch").nn.Parameter(__import__("torch").ones(1))], **kw)
+        for k, kind in keys.items():
+            got = opt.defaults["betas"][2] if k == "beta3" else opt.defaults[k]
+            assert got == (0.5 if kind == "float" else False), (name, k)
+
+
+def test_set_optimizer_accepts_win_names_and_rolls_back_bad_values():
+    args = WinTrainingArguments(output_dir="x", report_to="none")
+    args.set_optimizer("lamb_win", learning_rate=0.01, acceleration_mode="win2", args="trust_clip=true")
+    assert args.optim == "lamb_win" and args.acceleration_mode == "win2"
+    assert get_optimizer_cls_and_kwargs(args)[1]["trust_clip"] is True
+    with pytest.raises(ValueError, match="acceleration_mode"):
+        args.set_optimizer("adamw_win", acceleration_mode="fast")
+    assert args.optim == "lamb_win" and args.acceleration_mode == "win2"
+
+
+def test_help_explains_the_flags():
+    text = HfArgumentParser(WinTrainingArguments).format_help()
+    flat = " ".join(text.split())
+    assert "--acceleration_mode {win,win2,none}" in flat
+    assert "--reckless_steps" in flat and "r1*lr" in flat and "r2*lr" in flat
+    assert "optimizer's own max_grad_norm stays 0 under the Trainer" in flat
+    for name in OPTIMIZERS:
+        assert name in flat
