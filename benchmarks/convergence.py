@@ -75,7 +75,7 @@ LOG_EVERY = 5                # Trainer logging_steps: the curve's resolution
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "convergence"
 
 # Tuning grids (half-decades). SGD's step is not normalised, so its grid sits higher.
-LR_GRID_ADAPTIVE = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+LR_GRID_ADAPTIVE = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LR_GRID_SGD = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 # Base learning rates used when no tuning file exists (--quick, or --stage grid without tuning):
 # the values the full tuning chose (see benchmarks/results/convergence/tuned_lr.json).
@@ -156,8 +156,8 @@ def build_vit():
     from transformers import ViTConfig, ViTForImageClassification
 
     cfg = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=48, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=96, num_labels=10,
+        image_size=8, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, num_labels=10,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     return ViTForImageClassification(cfg)
@@ -167,7 +167,7 @@ def build_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        vocab_size=LM_VOCAB, n_positions=LM_BLOCK, n_embd=48, n_layer=2, n_head=4,
+        vocab_size=LM_VOCAB, n_positions=LM_BLOCK, n_embd=32, n_layer=1, n_head=4,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )
     return GPT2LMHeadModel(cfg)
@@ -206,18 +206,26 @@ TASKS: Dict[str, Task] = {
     t.name: t
     for t in (
         Task("vit_digits", digits_data, build_vit, eval_accuracy, "accuracy", True, steps=120, batch_size=32),
-        Task("gpt2_stdlib", stdlib_lm_data, build_gpt2, eval_perplexity, "perplexity", False, steps=120, batch_size=8),
+        Task("gpt2_stdlib", stdlib_lm_data, build_gpt2, eval_perplexity, "perplexity", False, steps=120, batch_size=16),
     )
 }
 
 
 # ---------------------------------------------------------------------------------------- one run
-def _has_win_trainer() -> bool:
-    return hasattr(hf_win, "WinTrainer") and hasattr(hf_win, "WinTrainingArguments")
+BACKENDS = ("wintrainer", "trainer+registry")
 
 
-def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, workdir: str) -> dict:
-    """Train one model through the Hugging Face Trainer; return its record (curve included)."""
+def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, workdir: str,
+            backend: str = "wintrainer") -> dict:
+    """Train one model through the Hugging Face Trainer; return its record (curve included).
+
+    ``backend="wintrainer"``: ``hf_win.WinTrainer`` + ``hf_win.WinTrainingArguments(optim=<registry name>)``
+    (what the benchmark reports). ``"trainer+registry"``: the plain ``transformers.Trainer`` handed the
+    registry class and the same keywords through ``optimizer_cls_and_kwargs`` (the stand-in used before
+    the Trainer integration existed; kept to check that both give the same runs).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     import transformers
     from transformers import PrinterCallback, TrainerCallback
 
@@ -242,7 +250,7 @@ def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, w
         seed=seed, data_seed=seed, use_cpu=True, report_to="none", save_strategy="no",
         eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, log_level="error",
     )
-    if _has_win_trainer():
+    if backend == "wintrainer":
         extra = {}
         if "betas" in hyper:  # the base optimizer's own betas/eps, through the standard Trainer fields
             extra.update(adam_beta1=hyper["betas"][0], adam_beta2=hyper["betas"][1])
@@ -253,8 +261,7 @@ def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, w
             extra["adam_epsilon"] = hyper["eps"]
         args = hf_win.WinTrainingArguments(optim=opt, acceleration_mode=mode, **common, **extra)
         trainer = hf_win.WinTrainer(model=model, args=args, train_dataset=train_ds, callbacks=[Recorder()])
-        backend = "WinTrainer"
-    else:  # stand-in until hf_win.WinTrainer exists: the same Trainer, the registry class handed to it
+    else:  # the stand-in: the same Trainer, the registry class handed to it
         args = transformers.TrainingArguments(**common)
         kwargs = dict(lr=lr, weight_decay=WEIGHT_DECAY, acceleration_mode=mode, max_grad_norm=0.0,
                       reckless_steps=(2.0, 8.0))
@@ -263,11 +270,10 @@ def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, w
             model=model, args=args, train_dataset=train_ds, callbacks=[Recorder()],
             optimizer_cls_and_kwargs=(cls, kwargs),
         )
-        backend = "Trainer+registry (stand-in)"
     trainer.remove_callback(PrinterCallback)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     metric = task.evaluate(model, heldout_ds)
     losses = [l for _, l in curve]
     tail = losses[-max(1, len(losses) // 10):]  # last 10 % of the logged points
@@ -276,7 +282,7 @@ def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, w
     return dict(
         task=task.name, optimizer=opt, mode=mode, lr=lr, seed=seed, steps=steps,
         final_train_loss=final, metric_name=task.metric, heldout_metric=metric, diverged=bool(diverged),
-        train_wall_s=round(wall, 3), backend=backend, optimizer_class=type(trainer.optimizer).__name__,
+        train_wall_s=round(wall, 3), train_cpu_s=round(cpu, 3), backend=backend, optimizer_class=type(trainer.optimizer).__name__,
         curve=curve,
     )
 
@@ -287,8 +293,9 @@ def _key(r: dict, stage: str) -> tuple:
 
 # ------------------------------------------------------------------------------------------- stages
 class Runner:
-    def __init__(self, out: Path, steps_override: Optional[int], resume: bool):
+    def __init__(self, out: Path, steps_override: Optional[int], resume: bool, backend: str):
         self.out = out
+        self.backend = backend
         self.steps_override = steps_override
         self.raw = out / "runs.jsonl"
         self.done: Dict[tuple, dict] = {}
@@ -307,7 +314,7 @@ class Runner:
             return self.done[key]
         steps = self.steps_override or task.steps
         t0 = time.perf_counter()
-        r = run_one(task, opt, mode, lr, seed, steps, self.workdir)
+        r = run_one(task, opt, mode, lr, seed, steps, self.workdir, self.backend)
         r.update(stage=stage, run_wall_s=round(time.perf_counter() - t0, 3), **extra)
         with self.raw.open("a") as f:
             f.write(json.dumps(r) + "\n")
@@ -386,7 +393,7 @@ def report(out: Path, tasks: List[Task], opts, modes, mults, seeds, meta: dict) 
 
     cols = ["task", "optimizer", "mode", "lr_mult", "base_lr", "lr", "seed", "steps", "final_train_loss",
             "metric_name", "heldout_metric", "target_loss", "steps_to_target", "diverged", "train_wall_s",
-            "run_wall_s", "backend", "optimizer_class"]
+            "train_cpu_s", "run_wall_s", "backend", "optimizer_class"]
     with (out / "runs.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -403,10 +410,11 @@ def report(out: Path, tasks: List[Task], opts, modes, mults, seeds, meta: dict) 
             for step, loss in r["curve"]:
                 w.writerow([r["task"], r["optimizer"], r["mode"], r["lr_mult"], r["seed"], step, loss])
 
+    cpu_txt = "" if meta.get("cpu_min") is None else f", training CPU time of all runs {meta['cpu_min']:.1f} min"
     md = [f"# Convergence: vanilla vs Win vs Win2 ({meta['date']})", ""]
     md += [f"Command: `{meta['command']}`", "",
            f"Machine: {meta['machine']}; torch {torch.__version__}; torch threads {meta['threads']}; "
-           f"backend: {meta['backend']}; grid wall time {meta['wall_min']:.1f} min.", "",
+           f"backend: {meta['backend']}; wall time of this invocation {meta['wall_min']:.1f} min{cpu_txt}.", "",
            f"Every cell: mean ± sample std over seeds {list(seeds)}; `(k/n)` = only k of n runs finite "
            f"(diverged runs are counted in the `div` column, their numbers stay in the mean when finite).",
            f"Weight decay {WEIGHT_DECAY} for every optimizer (not on biases/LayerNorm: the Trainer's groups), "
@@ -536,6 +544,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="override every task's number of steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models, shared cores)")
+    p.add_argument("--backend", choices=BACKENDS, default="wintrainer",
+                   help="wintrainer (default, reported) or the plain Trainer handed the registry class (comparison)")
     p.add_argument("--resume", action="store_true", help="keep runs already in <out>/runs.jsonl and skip them")
     a = p.parse_args(argv)
 
@@ -567,7 +577,7 @@ def main(argv=None) -> int:
     command = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, ROOT)] + list(sys.argv[1:] if argv is None else argv))
     t0 = time.perf_counter()
     if a.stage != "report":
-        runner = Runner(out, steps, resume=a.resume or a.stage == "grid")
+        runner = Runner(out, steps, resume=a.resume or a.stage == "grid", backend=a.backend)
         base_lr = {t.name: {o: FALLBACK_BASE_LR[t.name][o] for o in opts} for t in tasks}
         tuned_file = out / "tuned_lr.json"
         if tune_on:
@@ -587,7 +597,9 @@ def main(argv=None) -> int:
             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command=command,
             machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
             threads=a.threads, wall_min=wall, steps=a.steps if not a.quick else steps,
-            backend="hf_win.WinTrainer" if _has_win_trainer() else "transformers.Trainer + registry class (stand-in)",
+            backend={"wintrainer": "hf_win.WinTrainer + WinTrainingArguments(optim=<registry name>)",
+                     "trainer+registry": "transformers.Trainer + registry class via optimizer_cls_and_kwargs"}[a.backend],
+            cpu_min=sum(r.get("train_cpu_s", 0) for r in runner.done.values()) / 60 if a.stage != "report" else None,
         )
         meta_file.write_text(json.dumps(meta, indent=1) + "\n")
         (out / "command.txt").write_text(command + "\n")
