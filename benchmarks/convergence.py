@@ -72,6 +72,8 @@ WEIGHT_DECAY = 0.02          # the same for every optimizer (the Adan paper's Vi
 MAX_GRAD_NORM = 1.0          # the Trainer's default, applied by the Trainer for every optimizer
 TARGET_SLACK = 1.10          # target loss = 1.10 x the vanilla optimizer's final loss at 1x (mean over seeds)
 LOG_EVERY = 5                # Trainer logging_steps: the curve's resolution
+# --quick: a smoke run of every stage (no tuning: base lrs from FALLBACK_BASE_LR), < 2 min on 2 cores
+QUICK = dict(optimizers=["adamw_win", "sgd_win"], lr_multipliers=[1, 8], seeds=[0, 1], steps=20)
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "convergence"
 
 # Tuning grids (half-decades). SGD's step is not normalised, so its grid sits higher.
@@ -282,7 +284,7 @@ def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, w
     return dict(
         task=task.name, optimizer=opt, mode=mode, lr=lr, seed=seed, steps=steps,
         final_train_loss=final, metric_name=task.metric, heldout_metric=metric, diverged=bool(diverged),
-        train_wall_s=round(wall, 3), train_cpu_s=round(cpu, 3), backend=backend, optimizer_class=type(trainer.optimizer).__name__,
+        train_wall_s=round(wall, 3), train_cpu_s=round(cpu, 3), backend=backend, optimizer_class=type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
         curve=curve,
     )
 
@@ -356,6 +358,12 @@ def _mean_std(xs: List[float]):
     if not xs:
         return float("nan"), float("nan"), 0
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+
+
+def _lt(a: float, b: float) -> bool:
+    """a < b, where a non-finite value (a diverged run) loses to any finite one."""
+    fa, fb = math.isfinite(a), math.isfinite(b)
+    return (fa and not fb) or (fa and fb and a < b)
 
 
 def steps_to_target(curve, target) -> Optional[int]:
@@ -455,6 +463,26 @@ def report(out: Path, tasks: List[Task], opts, modes, mults, seeds, meta: dict) 
                         divs.append(str(sum(r["diverged"] for r in rs)))
                     md.append(f"| {opt} | {mult} | " + " | ".join(cells) + " | " + "/".join(divs) + " |")
             md.append("")
+        # paired view: the same seed gives the same initial weights and batch order to every mode
+        accel = [m for m in modes if m != "none"]
+        if "none" in modes and accel:
+            md += ["### paired by seed: in how many seeds the Win variant ends lower than vanilla "
+                   f"(final training loss; held-out {task.metric})", "",
+                   "| optimizer | lr x | " + " | ".join(f"{m} < none (loss) | {m} better ({task.metric})" for m in accel) + " |",
+                   "|---|---|" + "---|---|" * len(accel)]
+            for opt in opts:
+                for mult in mults:
+                    van = {r["seed"]: r for r in by.get((task.name, opt, "none", mult), [])}
+                    cells = []
+                    for m in accel:
+                        acc = {r["seed"]: r for r in by.get((task.name, opt, m, mult), [])}
+                        common = sorted(set(van) & set(acc))
+                        lw = sum(_lt(acc[s]["final_train_loss"], van[s]["final_train_loss"]) for s in common)
+                        sign = 1 if task.higher_is_better else -1
+                        mw = sum(_lt(sign * van[s]["heldout_metric"], sign * acc[s]["heldout_metric"]) for s in common)
+                        cells += [f"{lw}/{len(common)}", f"{mw}/{len(common)}"]
+                    md.append(f"| {opt} | {mult} | " + " | ".join(cells) + " |")
+            md.append("")
     (out / "summary.md").write_text("\n".join(md) + "\n")
     plots(out, tasks, opts, modes, mults, by)
 
@@ -533,7 +561,7 @@ def plots(out: Path, tasks, opts, modes, mults, by) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="reduced grid (2 optimizers, lr 1x/8x, 2 seeds, 40 steps, no tuning): a smoke run, < 2 min")
+                   help="reduced grid (2 optimizers, 3 modes, lr 1x/8x, 2 seeds, 20 steps, both tasks, no tuning): < 2 min")
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--stage", choices=("all", "tune", "grid", "report"), default="all",
                    help="all = tune then grid then report; report = rebuild tables/plots from runs.jsonl")
@@ -550,10 +578,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     if a.quick:
-        opts = a.optimizers or ["adamw_win", "sgd_win"]
-        mults = a.lr_multipliers or [1, 8]
-        seeds = a.seeds or [0, 1]
-        steps = a.steps or 40
+        opts = a.optimizers or QUICK["optimizers"]
+        mults = a.lr_multipliers or QUICK["lr_multipliers"]
+        seeds = a.seeds or QUICK["seeds"]
+        steps = a.steps or QUICK["steps"]
         tune_on = False
     else:
         opts = a.optimizers or available_optimizers()
