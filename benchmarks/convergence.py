@@ -82,8 +82,8 @@ LR_GRID_SGD = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 # Base learning rates used when no tuning file exists (--quick, or --stage grid without tuning):
 # the values the full tuning chose (see benchmarks/results/convergence/tuned_lr.json).
 FALLBACK_BASE_LR = {
-    "vit_digits": {"adamw_win": 3e-3, "adam_win": 3e-3, "lamb_win": 1e-2, "sgd_win": 1e-1, "adan_win": 3e-3},
-    "gpt2_stdlib": {"adamw_win": 1e-2, "adam_win": 1e-2, "lamb_win": 1e-2, "sgd_win": 3e-1, "adan_win": 1e-2},
+    "vit_digits": {"adamw_win": 1e-2, "adam_win": 3e-2, "lamb_win": 3e-2, "sgd_win": 1e-1, "adan_win": 1e-2},
+    "gpt2_stdlib": {"adamw_win": 3e-2, "adam_win": 1e-2, "lamb_win": 3e-2, "sgd_win": 3e-1, "adan_win": 3e-2},
 }
 
 
