@@ -27,6 +27,9 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
+# --- Multi-process training (issue 5) ---
+from .optim import ShardingError
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -34,4 +37,5 @@ __all__ = [
     "AdamW_Win", "Adam_Win", "LAMB_Win", "Lamb_Win", "SGD_Win", "Adan_Win",
     "OPTIMIZERS", "OptimizerSpec", "available_optimizers", "create_optimizer", "get_optimizer_spec",
     "WinTrainingArguments", "WinTrainer", "get_optimizer_cls_and_kwargs",
+    "ShardingError",
 ]

@@ -14,7 +14,7 @@ import torch
 from transformers import Trainer
 
 from ._compat import CheckpointNamesMixin
-from .optim import WinOptimizer
+from .optim import WinOptimizer, check_partitioned
 from .training_args import is_win_optimizer, win_optimizer_kwargs
 
 __all__ = ["WinTrainer", "get_optimizer_cls_and_kwargs", "optimizer_state_bytes"]
@@ -74,8 +74,19 @@ class WinTrainer(CheckpointNamesMixin, Trainer):
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
         if fresh:
+            self._check_sharding(optimizer)
             self._log_win_optimizer(optimizer)
         return optimizer
+
+    def _check_sharding(self, optimizer) -> None:
+        """Stop a DeepSpeed ZeRO run now (before training) if the optimizer would be wrong on ZeRO's
+        flattened partitions (LAMB's trust ratio; see ``hf_win.optim._sharding``)."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        ds = getattr(self.args, "hf_deepspeed_config", None) if self.is_deepspeed_enabled else None
+        if ds is not None and isinstance(inner, WinOptimizer):
+            stage = int(ds.config.get("zero_optimization", {}).get("stage", 0) or 0)
+            if stage >= 1:
+                check_partitioned(inner, where=f"DeepSpeed ZeRO stage {stage}")
 
     def _log_win_optimizer(self, optimizer) -> None:
         inner = getattr(optimizer, "optimizer", optimizer)
