@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from transformers import Trainer
 
-from .optim import WinOptimizer
+from ._compat import CheckpointNamesMixin
+from .optim import WinOptimizer, check_partitioned
 from .training_args import is_win_optimizer, win_optimizer_kwargs
 
 __all__ = ["WinTrainer", "get_optimizer_cls_and_kwargs", "optimizer_state_bytes"]
@@ -57,9 +58,14 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-class WinTrainer(Trainer):
-    """``transformers.Trainer`` with the Win optimizers. Nothing else changes: same arguments, same
-    parameter groups (no weight decay on biases and norm weights), same checkpoints."""
+class WinTrainer(CheckpointNamesMixin, Trainer):
+    """``transformers.Trainer`` with the Win optimizers. Same arguments, same parameter groups (no weight
+    decay on biases and norm weights), same checkpoint files.
+
+    One fix on top (``hf_win._compat.CheckpointNamesMixin``): resuming (``train(resume_from_checkpoint=...)``)
+    and ``load_best_model_at_end`` load checkpoints saved in the original parameter naming correctly
+    (transformers 5.x: a plain ``Trainer`` drops ViT's encoder weights there), and a checkpoint that does
+    not match the model is an error instead of a warning."""
 
     # Trainer.create_optimizer calls self.get_optimizer_cls_and_kwargs(self.args, model).
     get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
@@ -68,8 +74,19 @@ class WinTrainer(Trainer):
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
         if fresh:
+            self._check_sharding(optimizer)
             self._log_win_optimizer(optimizer)
         return optimizer
+
+    def _check_sharding(self, optimizer) -> None:
+        """Stop a DeepSpeed ZeRO run now (before training) if the optimizer would be wrong on ZeRO's
+        flattened partitions (LAMB's trust ratio; see ``hf_win.optim._sharding``)."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        ds = getattr(self.args, "hf_deepspeed_config", None) if self.is_deepspeed_enabled else None
+        if ds is not None and isinstance(inner, WinOptimizer):
+            stage = int(ds.config.get("zero_optimization", {}).get("stage", 0) or 0)
+            if stage >= 1:
+                check_partitioned(inner, where=f"DeepSpeed ZeRO stage {stage}")
 
     def _log_win_optimizer(self, optimizer) -> None:
         inner = getattr(optimizer, "optimizer", optimizer)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ._ops import FOREACH, PER_TENSOR
+from ._sharding import CLIP_ADVICE, ShardingError, check_partitioned, foreign_params, inside_zero_redundancy_optimizer
 from ._win import MODES, accelerate, extra_state_keys, vanilla_step
 
 __all__ = ["WinOptimizer"]
@@ -49,7 +50,16 @@ class WinOptimizer(torch.optim.Optimizer):
         if foreach not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
         defaults = dict(defaults, max_grad_norm=float(max_grad_norm), foreach=foreach)
+        for key in ("betas", "reckless_steps"):  # lists (from JSON/YAML configs) become tuples
+            if isinstance(defaults.get(key), list):
+                defaults[key] = tuple(defaults[key])
         self._validate_group(defaults, where="")
+        if max_grad_norm > 0 and inside_zero_redundancy_optimizer():
+            raise ShardingError(
+                f"{type(self).__name__}: max_grad_norm={max_grad_norm} inside ZeroRedundancyOptimizer would clip "
+                "with the norm of this process's share of the parameters only. " + CLIP_ADVICE
+            )
+        self._registered_ids = set()  # ids of the parameters given to us (see _sharding.foreign_params)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -58,6 +68,7 @@ class WinOptimizer(torch.optim.Optimizer):
         merged.update({k: v for k, v in param_group.items() if k != "params"})
         self._validate_group(merged, where=f" (param group {len(self.param_groups)})")
         super().add_param_group(param_group)
+        self._registered_ids.update(id(p) for p in self.param_groups[-1]["params"])
 
     def _validate_group(self, group: dict, where: str) -> None:
         name = type(self).__name__
@@ -107,6 +118,9 @@ class WinOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if not hasattr(self, "_registered_ids"):  # unpickled; load_state_dict() keeps the live set, so
+            # flattened partitions (DeepSpeed loads ZeRO checkpoints this way) stay recognised as such
+            self._registered_ids = {id(p) for g in self.param_groups for p in g["params"]}
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("max_grad_norm", self.defaults.get("max_grad_norm", 0.0))
@@ -118,10 +132,27 @@ class WinOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _init_state(self, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
-        raise NotImplementedError
+        """Create the base optimizer's missing buffers (zeros by default)."""
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _direction(self, ops, group, params, grads, states, steps) -> list:
         raise NotImplementedError
+
+    def _needs_whole_tensors(self, group: dict) -> bool:
+        """Whether the direction uses a norm of each whole parameter (LAMB's trust ratio)."""
+        return False
+
+    # ------------------------------------------------------------------ sharded parameters
+    def _partitioned(self) -> bool:
+        """True when we are stepping flattened partitions we were not built with (DeepSpeed ZeRO); then
+        ``check_partitioned`` raises ``ShardingError`` (before any state is touched) for what would be
+        silently wrong there: the optimizer's own clipping and per-parameter norms (LAMB's trust ratio)."""
+        if not any(foreign_params(g["params"], self._registered_ids) for g in self.param_groups):
+            return False
+        check_partitioned(self)
+        return True
 
     # ------------------------------------------------------------------ clipping
     def _clip_coefficient(self) -> Optional[Tensor]:
@@ -166,14 +197,18 @@ class WinOptimizer(torch.optim.Optimizer):
                         "use torch.optim.SparseAdam or a dense embedding"
                     )
 
+        partitioned = self._partitioned()
         clip = self._clip_coefficient()
         for group in self.param_groups:
-            self._step_group(group, clip)
+            self._step_group(group, clip, partitioned)
         return loss
 
-    def _step_group(self, group: dict, clip: Optional[Tensor]) -> None:
+    def _step_group(self, group: dict, clip: Optional[Tensor], partitioned: bool = False) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        if self._group_step:
+        # Flattened partitions (DeepSpeed ZeRO) count steps per partition: ZeRO-3 calls step() once per
+        # sub-group, which would advance a count kept in the group several times per real step.
+        group_step = self._group_step and not partitioned
+        if group_step:
             group["step"] = group.get("step", 0) + 1
         if not params:
             return
@@ -202,10 +237,10 @@ class WinOptimizer(torch.optim.Optimizer):
             for key in extra_state_keys(mode):
                 if key not in state:
                     state[key] = p.detach().clone(memory_format=torch.preserve_format)
-            if not self._group_step:
+            if not group_step:
                 state["step"] = int(state.get("step", 0)) + 1
             states.append(state)
-        steps = [group["step"]] * len(params) if self._group_step else [s["step"] for s in states]
+        steps = [group["step"]] * len(params) if group_step else [s["step"] for s in states]
 
         if self._use_foreach(group, params):
             self._apply(FOREACH, group, params, grads, states, steps)

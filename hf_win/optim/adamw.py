@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 
 from ._base import WinOptimizer
 
@@ -64,8 +63,8 @@ class AdamW(WinOptimizer):
         foreach: Optional[bool] = None,
     ):
         defaults = dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
-            reckless_steps=tuple(reckless_steps) if isinstance(reckless_steps, list) else reckless_steps,
+            lr=lr, betas=betas,
+            reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, acceleration_mode=acceleration_mode,
         )
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach)
@@ -73,11 +72,6 @@ class AdamW(WinOptimizer):
     @classmethod
     def _state_keys(cls, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group.get("amsgrad") else ("exp_avg", "exp_avg_sq")
-
-    def _init_state(self, p, grad, state, group):
-        for key in self._state_keys(group):
-            if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _direction(self, ops, group, params, grads, states, steps):
         beta1, beta2 = group["betas"]

@@ -47,8 +47,8 @@ class Adan(WinOptimizer):
         foreach: Optional[bool] = None,
     ):
         defaults = dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
-            reckless_steps=tuple(reckless_steps) if isinstance(reckless_steps, list) else reckless_steps,
+            lr=lr, betas=betas,
+            reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, acceleration_mode=acceleration_mode,
         )
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach)

@@ -53,8 +53,8 @@ class LAMB(WinOptimizer):
         foreach: Optional[bool] = None,
     ):
         defaults = dict(
-            lr=lr, bias_correction=bias_correction, betas=tuple(betas) if isinstance(betas, list) else betas,
-            reckless_steps=tuple(reckless_steps) if isinstance(reckless_steps, list) else reckless_steps,
+            lr=lr, bias_correction=bias_correction, betas=betas,
+            reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, grad_averaging=grad_averaging, trust_clip=trust_clip,
             always_adapt=always_adapt, acceleration_mode=acceleration_mode,
         )
@@ -64,10 +64,8 @@ class LAMB(WinOptimizer):
     def _state_keys(cls, group):
         return ("exp_avg", "exp_avg_sq")
 
-    def _init_state(self, p, grad, state, group):
-        for key in self._state_keys(group):
-            if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _needs_whole_tensors(self, group):
+        return group["weight_decay"] != 0.0 or group["always_adapt"]
 
     def _direction(self, ops, group, params, grads, states, steps):
         beta1, beta2 = group["betas"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 
 from ._base import WinOptimizer
 
@@ -47,7 +46,7 @@ class SGD(WinOptimizer):
             raise ValueError("SGD_Win: lr is required (a number >= 0)")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening,
-            reckless_steps=tuple(reckless_steps) if isinstance(reckless_steps, list) else reckless_steps,
+            reckless_steps=reckless_steps,
             weight_decay=weight_decay, nesterov=nesterov, acceleration_mode=acceleration_mode, eps=eps,
         )
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach)
@@ -55,9 +54,6 @@ class SGD(WinOptimizer):
     @classmethod
     def _state_keys(cls, group):
         return ("momentum",)
-
-    def _init_state(self, p, grad, state, group):
-        state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _direction(self, ops, group, params, grads, states, steps):
         momentum, dampening = group["momentum"], group["dampening"]
