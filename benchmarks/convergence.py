@@ -308,7 +308,8 @@ class Runner:
                     self.done[_key(r, r["stage"])] = r
         elif self.raw.exists():
             self.raw.unlink()
-        self.workdir = tempfile.mkdtemp(prefix="hfwin_conv_")
+        self._tmp = tempfile.TemporaryDirectory(prefix="hfwin_conv_")  # the Trainer's output_dir (nothing is saved)
+        self.workdir = self._tmp.name
 
     def get(self, stage: str, task: Task, opt: str, mode: str, lr: float, seed: int, **extra) -> dict:
         key = (stage, task.name, opt, mode, float(lr), int(seed))
@@ -621,6 +622,7 @@ def main(argv=None) -> int:
             base_lr = {t.name: {o: saved[t.name][o] for o in opts} for t in tasks}
         if a.stage != "tune":
             grid(runner, tasks, opts, modes, mults, seeds, base_lr)
+        runner._tmp.cleanup()
     wall = (time.perf_counter() - t0) / 60
     meta_file = out / "meta.json"
     if a.stage == "report" and meta_file.exists():
