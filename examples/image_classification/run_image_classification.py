@@ -220,7 +220,7 @@ DIGITS_DEFAULTS: Dict[str, Any] = {
     "weight_decay": 0.05,
     "warmup_steps": 0.1,
     "lr_scheduler_type": "cosine",
-    "num_train_epochs": 30,
+    "num_train_epochs": 20,
     "per_device_train_batch_size": 64,
     "per_device_eval_batch_size": 128,
     "eval_strategy": "no",
@@ -616,9 +616,19 @@ class ImageClassificationTrainer(WinTrainer):
 
 
 # ------------------------------------------------------------------------------------------------ model
+def _vit_image_processor_class():
+    """ViTImageProcessor needs torchvision; without it (as here) the PIL one, saved and loaded the same way."""
+    import importlib.util
+
+    import transformers as tf
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(tf, "ViTImageProcessorPil"):
+        return tf.ViTImageProcessorPil
+    return tf.ViTImageProcessor
+
+
 def build_model(model_args: ModelArguments, labels: List[str], training_args):
-    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageClassification,
-                              ViTImageProcessor)
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
     label2id = {name: i for i, name in enumerate(labels)}
     id2label = {i: name for i, name in enumerate(labels)}
@@ -653,7 +663,7 @@ def build_model(model_args: ModelArguments, labels: List[str], training_args):
             image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name, **common)
         elif model_args.model_type == "vit":
             size = int(config.image_size)
-            image_processor = ViTImageProcessor(size={"height": size, "width": size})
+            image_processor = _vit_image_processor_class()(size={"height": size, "width": size})
         else:
             raise UsageError(f"--model_type {model_args.model_type}: give --image_processor_name (only vit has a built-in one)")
     if model_args.image_mean is not None:
@@ -697,6 +707,11 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     transformers.utils.logging.enable_explicit_format()
     if default_data:
         logger.warning("No data argument: training a small ViT from scratch on scikit-learn's digits (offline default).")
+        if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+            # A 0.3M-parameter model on 17 tokens: one thread per op beats several (which spin and wait on each
+            # other, badly so on a busy machine). OMP_NUM_THREADS=N overrides.
+            torch.set_num_threads(1)
+            logger.warning("Tiny model on the CPU: 1 intra-op thread (set OMP_NUM_THREADS to choose).")
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps (a stream has no length to count epochs from)")
 
