@@ -7,8 +7,28 @@ from .optim import (
 from .registry import OPTIMIZERS, OptimizerSpec, available_optimizers, create_optimizer, get_optimizer_spec
 
 # --- Hugging Face Trainer integration (issue 3) ---
-from .trainer import WinTrainer, get_optimizer_cls_and_kwargs
-from .training_args import WinTrainingArguments
+# Imported on first use: `import hf_win` for the optimizers alone does not import the Trainer stack.
+_LAZY = {
+    "WinTrainer": ".trainer", "get_optimizer_cls_and_kwargs": ".trainer", "WinTrainingArguments": ".training_args",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+# --- Multi-process training (issue 5) ---
+from .optim import ShardingError
 
 __version__ = "0.1.0"
 
@@ -17,4 +37,5 @@ __all__ = [
     "AdamW_Win", "Adam_Win", "LAMB_Win", "Lamb_Win", "SGD_Win", "Adan_Win",
     "OPTIMIZERS", "OptimizerSpec", "available_optimizers", "create_optimizer", "get_optimizer_spec",
     "WinTrainingArguments", "WinTrainer", "get_optimizer_cls_and_kwargs",
+    "ShardingError",
 ]

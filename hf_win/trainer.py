@@ -8,12 +8,14 @@ optimizer over the same parameter groups.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from transformers import Trainer
 
-from .optim import WinOptimizer
+from ._compat import CheckpointNamesMixin
+from .optim import WinOptimizer, check_partitioned
 from .training_args import is_win_optimizer, win_optimizer_kwargs
 
 __all__ = ["WinTrainer", "get_optimizer_cls_and_kwargs", "optimizer_state_bytes"]
@@ -57,19 +59,56 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-class WinTrainer(Trainer):
-    """``transformers.Trainer`` with the Win optimizers. Nothing else changes: same arguments, same
-    parameter groups (no weight decay on biases and norm weights), same checkpoints."""
+class WinTrainer(CheckpointNamesMixin, Trainer):
+    """``transformers.Trainer`` with the Win optimizers. Same arguments, same parameter groups (no weight
+    decay on biases and norm weights), same checkpoint files.
+
+    One fix on top (``hf_win._compat.CheckpointNamesMixin``): resuming (``train(resume_from_checkpoint=...)``)
+    and ``load_best_model_at_end`` load checkpoints saved in the original parameter naming correctly
+    (transformers 5.x: a plain ``Trainer`` drops ViT's encoder weights there), and a checkpoint that does
+    not match the model is an error instead of a warning."""
 
     # Trainer.create_optimizer calls self.get_optimizer_cls_and_kwargs(self.args, model).
     get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_fsdp_enabled()
+
+    def _check_fsdp_enabled(self) -> None:
+        """``--fsdp`` (or ``accelerate launch`` with an FSDP config) must not be dropped silently. Accelerate
+        (1.15) turns an FSDP plugin into an FSDP run only for GPU-type processes; on CPU processes
+        (``--use_cpu`` under torchrun) it keeps ``MULTI_CPU`` and the run would train unsharded, as DDP,
+        without a word."""
+        asked = "--fsdp" if getattr(self.args, "fsdp", None) else None
+        if asked is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            asked = "ACCELERATE_USE_FSDP=true (accelerate launch with an FSDP config)"
+        if asked and not (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False)):
+            kind = str(getattr(self.accelerator, "distributed_type", "unknown")).split(".")[-1]
+            raise ValueError(
+                f"{asked} was given but Accelerate did not enable FSDP for these processes (distributed type "
+                f"{kind}): Accelerate enables FSDP only on GPU-type devices, so this run would train "
+                "unsharded (as DDP). Drop the FSDP request to train with DDP on CPU processes, use --deepspeed "
+                "(ZeRO runs on CPU), or run FSDP on GPUs."
+            )
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
         if fresh:
+            self._check_sharding(optimizer)
             self._log_win_optimizer(optimizer)
         return optimizer
+
+    def _check_sharding(self, optimizer) -> None:
+        """Stop a DeepSpeed ZeRO run now (before training) if the optimizer would be wrong on ZeRO's
+        flattened partitions (LAMB's trust ratio; see ``hf_win.optim._sharding``)."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        ds = getattr(self.args, "hf_deepspeed_config", None) if self.is_deepspeed_enabled else None
+        if ds is not None and isinstance(inner, WinOptimizer):
+            stage = int(ds.config.get("zero_optimization", {}).get("stage", 0) or 0)
+            if stage >= 1:
+                check_partitioned(inner, where=f"DeepSpeed ZeRO stage {stage}")
 
     def _log_win_optimizer(self, optimizer) -> None:
         inner = getattr(optimizer, "optimizer", optimizer)

@@ -13,7 +13,6 @@ The mapping from arguments to optimizer keywords lives in :func:`win_optimizer_k
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -32,6 +31,7 @@ __all__ = [
     "parse_win_optim_args",
     "win_optimizer_kwargs",
     "is_win_optimizer",
+    "optim_args_markdown_table",
 ]
 
 # Constructor keywords that come from standard TrainingArguments fields (or are fixed under the Trainer),
@@ -79,8 +79,43 @@ def optim_args_keys(name: str) -> Dict[str, str]:
         elif isinstance(default, (int, float)):
             keys[key] = "float"
         else:  # pragma: no cover - a new constructor keyword of another kind must be added here
-            raise TypeError(f"{spec.name}: cannot map constructor keyword {key!r} (default {default!r}) to --optim_args")
+            raise TypeError(
+                f"{spec.name}: cannot map constructor keyword {key!r} (default {default!r}) to --optim_args"
+            )
     return keys
+
+
+_FIELD_OF = {
+    "lr": "`--learning_rate`",
+    "eps": "`--adam_epsilon`",
+    "weight_decay": "`--weight_decay`",
+}
+
+
+def optim_args_markdown_table() -> str:
+    """The README table: for each registry optimizer, its ``--optim_args`` keys with their defaults, and
+    which standard TrainingArguments fields it takes. Generated from the registry."""
+    rows = [
+        "| `--optim` | `--optim_args` keys (default) | from the standard fields |",
+        "|---|---|---|",
+    ]
+    for name, spec in OPTIMIZERS.items():
+        hyper = spec.hyperparameters
+        keys = []
+        for key in optim_args_keys(name):
+            default = hyper["betas"][2] if key == "beta3" else hyper[key]
+            keys.append(f"`{key}` ({default})")
+        fields = []
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            if key not in hyper:
+                continue
+            if key == "betas":
+                third = ", `beta3`" if _n_betas(spec) == 3 else ""
+                fields.append(f"betas = (`--adam_beta1`, `--adam_beta2`{third})")
+            else:
+                fields.append(f"{key} = {_FIELD_OF[key]}")
+        rows.append(f"| `{name}` | {', '.join(keys) or '-'} | {', '.join(fields)} |")
+    return "\n".join(rows)
 
 
 def _convert(name: str, key: str, kind: str, raw: Any) -> Any:
@@ -137,7 +172,9 @@ def parse_win_optim_args(name: str, optim_args: Any) -> Dict[str, Any]:
             k, v = item.split("=")
             items.append((k.strip(), v.strip()))
     else:
-        raise ValueError(f"--optim_args must be a string 'key=value,key=value' or a dict, got {type(optim_args).__name__}")
+        raise ValueError(
+            f"--optim_args must be a string 'key=value,key=value' or a dict, got {type(optim_args).__name__}"
+        )
     out: Dict[str, Any] = {}
     for key, raw in items:
         if key in out:

@@ -114,3 +114,40 @@ def test_own_parameters_and_clipping_are_fine_unsharded():
         p.grad = g
     opt.step()
     assert opt.param_groups[0]["step"] == 1
+
+
+def test_resume_on_flattened_partitions_keeps_per_partition_step_counts():
+    """DeepSpeed restores a ZeRO checkpoint with optimizer.load_state_dict() on the flattened partitions;
+    the optimizer must still treat them as partitions (Adan's step count lives in their state then)."""
+    kwargs = dict(lr=1e-2, acceleration_mode="win2")
+
+    def fresh():
+        model = _model()
+        opt = Adan(_groups(model), **kwargs)
+        flats = [torch.cat([p.detach().flatten() for p in g["params"]]).clone() for g in _groups(model)]
+        for group, flat in zip(opt.param_groups, flats):
+            group["params"] = [flat]
+        return model, opt, flats
+
+    def step(model, opt, flats, s):
+        grads = dict(zip(map(id, model.parameters()), _grads(model, s)))
+        for flat, g in zip(flats, _groups(model)):
+            flat.grad = torch.cat([grads[id(p)].flatten() for p in g["params"]])
+        opt.step()
+
+    model, opt, flats = fresh()
+    for s in range(3):
+        step(model, opt, flats, s)
+    uninterrupted = torch.cat(flats)
+
+    model, opt, flats = fresh()
+    step(model, opt, flats, 0)
+    saved_state, saved_flats = opt.state_dict(), [f.detach().clone() for f in flats]
+    model, opt, flats = fresh()
+    for f, saved in zip(flats, saved_flats):
+        f.data.copy_(saved)
+    opt.load_state_dict(saved_state)
+    for s in (1, 2):
+        step(model, opt, flats, s)
+    assert torch.equal(torch.cat(flats), uninterrupted)
+    torch.testing.assert_close(uninterrupted, _reference(Adan, kwargs, steps=3), rtol=0, atol=1e-6)

@@ -83,7 +83,8 @@ def test_builtin_names_unchanged():
         (["--reckless_steps", "2", "8", "9"], r"reckless_steps must be two positive numbers"),
         (["--reckless_steps", "0", "8"], r"reckless_steps must be two positive numbers"),
         (["--optim_args", "momentum=0.9"], r"adamw_win does not use 'momentum'; it accepts: amsgrad \(bool\), foreach"),
-        (["--optim_args", "max_grad_norm=1.0"], r"max_grad_norm is not an --optim_args key; set it with --max_grad_norm"),
+        (["--optim_args", "max_grad_norm=1.0"],
+         r"max_grad_norm is not an --optim_args key; set it with --max_grad_norm"),
         (["--optim_args", "lr=0.1"], r"set it with --learning_rate"),
         (["--optim_args", "betas=0.9"], r"set it with --adam_beta1 / --adam_beta2"),
         (["--optim_args", "amsgrad=maybe"], r"amsgrad='maybe' for adamw_win is not valid; amsgrad takes true/false"),
@@ -125,7 +126,8 @@ def test_optim_args_keys_follow_the_registry():
         if "betas" in spec.accepted_keys and spec.cls._n_betas == 3:
             expected.add("beta3")
         assert keys == expected, name
-    assert set(optim_args_keys("lamb_win")) == {"bias_correction", "grad_averaging", "trust_clip", "always_adapt", "foreach", "fused"}
+    assert set(optim_args_keys("lamb_win")) == {
+        "bias_correction", "grad_averaging", "trust_clip", "always_adapt", "foreach", "fused"}
     assert set(optim_args_keys("sgd_win")) == {"momentum", "dampening", "nesterov", "foreach", "fused"}
     assert set(optim_args_keys("adan_win")) == {"beta3", "foreach", "fused"}
 
@@ -161,3 +163,22 @@ def test_help_explains_the_flags():
     assert "optimizer's own max_grad_norm stays 0 under the Trainer" in flat
     for name in OPTIMIZERS:
         assert name in flat
+
+
+def test_readme_optim_args_table_matches_the_registry():
+    from pathlib import Path
+
+    from hf_win.training_args import optim_args_markdown_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("<!-- section:trainer -->"):readme.index("<!-- /section:trainer -->")]
+    assert optim_args_markdown_table() in section, "regenerate with hf_win.training_args.optim_args_markdown_table()"
+
+
+def test_importing_hf_win_does_not_import_the_trainer_stack():
+    import subprocess
+    import sys
+
+    # (In this process the Trainer tests have imported it already; WinTrainer resolving lazily is used by all.)
+    code = "import sys, hf_win; assert 'transformers.trainer' not in sys.modules, 'eager Trainer import'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

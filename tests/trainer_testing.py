@@ -27,12 +27,12 @@ IMAGE = 8
 NUM_LABELS = 3
 
 
-def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+def tiny_vit(seed: int = 0, dropout: float = 0.0) -> ViTForImageClassification:
     torch.manual_seed(seed)
     cfg = ViTConfig(
         image_size=IMAGE, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=32, num_labels=NUM_LABELS,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0,
     )
     return ViTForImageClassification(cfg)
 

@@ -1,6 +1,7 @@
 """Win / Win2-accelerated optimizers: one shared mechanism (``_win``), thin base optimizers."""
 
 from ._base import WinOptimizer
+from ._sharding import ShardingError, check_partitioned
 from ._win import MODES
 from .adam import Adam
 from .adamw import AdamW
@@ -17,6 +18,6 @@ SGD_Win = SGD
 Adan_Win = Adan
 
 __all__ = [
-    "MODES", "WinOptimizer", "AdamW", "Adam", "LAMB", "SGD", "Adan",
+    "MODES", "WinOptimizer", "ShardingError", "check_partitioned", "AdamW", "Adam", "LAMB", "SGD", "Adan",
     "AdamW_Win", "Adam_Win", "LAMB_Win", "Lamb_Win", "SGD_Win", "Adan_Win",
 ]

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ._fused import fused_apply
 from ._ops import FOREACH, PER_TENSOR
-from ._sharding import CLIP_ADVICE, LAMB_ADVICE, ShardingError, foreign_params, inside_zero_redundancy_optimizer
+from ._sharding import CLIP_ADVICE, ShardingError, check_partitioned, foreign_params, inside_zero_redundancy_optimizer
 from ._win import MODES, accelerate, extra_state_keys, vanilla_step
 
 __all__ = ["WinOptimizer"]
@@ -131,7 +131,9 @@ class WinOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._registered_ids = {id(p) for g in self.param_groups for p in g["params"]}
+        if not hasattr(self, "_registered_ids"):  # unpickled; load_state_dict() keeps the live set, so
+            # flattened partitions (DeepSpeed loads ZeRO checkpoints this way) stay recognised as such
+            self._registered_ids = {id(p) for g in self.param_groups for p in g["params"]}
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
@@ -158,25 +160,12 @@ class WinOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ sharded parameters
     def _partitioned(self) -> bool:
-        """True when we are stepping flattened partitions we were not built with (DeepSpeed ZeRO).
-
-        Raises ``ShardingError`` (before any state is touched) for what would then be silently wrong:
-        the optimizer's own clipping, and per-parameter norms (LAMB's trust ratio)."""
+        """True when we are stepping flattened partitions we were not built with (DeepSpeed ZeRO); then
+        ``check_partitioned`` raises ``ShardingError`` (before any state is touched) for what would be
+        silently wrong there: the optimizer's own clipping and per-parameter norms (LAMB's trust ratio)."""
         if not any(foreign_params(g["params"], self._registered_ids) for g in self.param_groups):
             return False
-        name = type(self).__name__
-        if float(self.defaults.get("max_grad_norm", 0.0)) > 0:
-            raise ShardingError(
-                f"{name}: max_grad_norm={self.defaults['max_grad_norm']} would clip with the norm of this "
-                "process's flattened partition (DeepSpeed ZeRO), not of the whole gradient. " + CLIP_ADVICE
-            )
-        for i, group in enumerate(self.param_groups):
-            if group["params"] and self._needs_whole_tensors(group):
-                raise ShardingError(
-                    f"{name}: param group {i} uses the norm of each whole parameter (layer-wise trust ratio), "
-                    "but its parameters are flattened partitions (DeepSpeed ZeRO): each one is a slice of "
-                    "many layers, so the ratio would be computed over the wrong tensors. " + LAMB_ADVICE
-                )
+        check_partitioned(self)
         return True
 
     # ------------------------------------------------------------------ clipping

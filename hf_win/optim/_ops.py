@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._sharding import is_dtensor
+
 Scalar = Union[float, Sequence[float], Sequence[Tensor], Tensor]
 
 
@@ -167,6 +169,10 @@ class _ForeachOps:
 
     @staticmethod
     def copy_(xs, ys):
+        if xs and is_dtensor(xs[0]):  # DTensor (FSDP2) has no sharding rule for _foreach_copy_
+            for x, y in zip(xs, ys):
+                x.copy_(y)
+            return
         torch._foreach_copy_(xs, ys)
 
     @staticmethod

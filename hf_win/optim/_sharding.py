@@ -25,7 +25,7 @@ from typing import Iterable
 
 from torch import Tensor
 
-__all__ = ["ShardingError", "is_dtensor", "inside_zero_redundancy_optimizer"]
+__all__ = ["ShardingError", "check_partitioned", "is_dtensor", "inside_zero_redundancy_optimizer"]
 
 CLIP_ADVICE = (
     "Set the optimizer's max_grad_norm=0 and clip where the whole gradient is known: DeepSpeed's "
@@ -72,3 +72,26 @@ def foreign_params(params: Iterable[Tensor], registered: set) -> list:
     """Parameters the optimizer was not built with and that are not DTensors: DeepSpeed's flattened
     partitions (FSDP2 as prepared by Accelerate swaps in DTensor versions of the parameters: fine)."""
     return [p for p in params if id(p) not in registered and not is_dtensor(p)]
+
+
+def check_partitioned(optimizer, where: str = "DeepSpeed ZeRO") -> None:
+    """Raise :class:`ShardingError` if ``optimizer`` (a ``WinOptimizer``) would compute something different
+    on flattened partitions (``where``): its own clipping (``max_grad_norm > 0``), or a per-parameter norm
+    in any non-empty param group (LAMB's trust ratio, on when ``weight_decay != 0`` or ``always_adapt``).
+
+    The optimizer calls this itself at its first step on partitions; ``WinTrainer`` calls it when it builds
+    the optimizer for a ``--deepspeed`` run with ZeRO stage >= 1, so such a run stops before training."""
+    name = type(optimizer).__name__
+    max_norm = float(optimizer.defaults.get("max_grad_norm", 0.0))
+    if max_norm > 0:
+        raise ShardingError(
+            f"{name}: max_grad_norm={max_norm} would clip with the norm of this process's flattened "
+            f"partition ({where}), not of the whole gradient. " + CLIP_ADVICE
+        )
+    for i, group in enumerate(optimizer.param_groups):
+        if group["params"] and optimizer._needs_whole_tensors(group):
+            raise ShardingError(
+                f"{name}: param group {i} uses the norm of each whole parameter (layer-wise trust ratio), but "
+                f"under {where} its parameters are flattened partitions: each one is a slice of many layers, "
+                "so the ratio would be computed over the wrong tensors. " + LAMB_ADVICE
+            )

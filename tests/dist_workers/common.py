@@ -20,6 +20,8 @@ GLOBAL_BATCH = 8     # samples per optimizer step, all processes together
 LR = 1e-2
 WEIGHT_DECAY = 0.1
 MODES = ("win", "win2")
+CLIP = 0.3  # max_grad_norm where clipping is on: below the gradient norms here (0.59-0.75), so it acts
+TRAINER_MAX_GRAD_NORM = CLIP  # the Trainer's own clipping (the optimizer's is 0 under the Trainer)
 
 
 class TinyNet(nn.Module):
@@ -29,6 +31,10 @@ class TinyNet(nn.Module):
 
     def __init__(self):
         super().__init__()
+        # DeepSpeed "auto" bucket sizes are filled from config.hidden_size by the Trainer, as for HF models.
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(hidden_size=HIDDEN)
         self.inp = nn.Linear(IN, HIDDEN)
         self.norm = nn.LayerNorm(HIDDEN)
         self.h1 = nn.Linear(HIDDEN, HIDDEN)
@@ -94,3 +100,68 @@ def reference_params(name: str, mode: str, max_grad_norm: float = 0.0, steps: in
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_reference(name: str, mode: str, steps: int = STEPS):
+    """One process, a plain loop, the optimizer ``WinTrainer`` builds for these arguments (from
+    ``hf_win.get_optimizer_cls_and_kwargs``), the Trainer's decay / no-decay groups and its gradient
+    clipping (``max_grad_norm`` on the whole gradient): what every ``WinTrainer`` run must give."""
+    import tempfile
+
+    from hf_win import WinTrainingArguments, get_optimizer_cls_and_kwargs
+
+    with tempfile.TemporaryDirectory() as out:
+        args = WinTrainingArguments(output_dir=out, optim=name, acceleration_mode=mode, learning_rate=LR,
+                                    weight_decay=WEIGHT_DECAY, use_cpu=True, report_to="none")
+        cls, kwargs = get_optimizer_cls_and_kwargs(args)
+    model = make_model()
+    opt = cls(param_groups(model, kwargs.get("weight_decay", WEIGHT_DECAY)), **kwargs)
+    x, labels = make_data()
+    for step in range(steps):
+        sl = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
+        opt.zero_grad(set_to_none=True)
+        model(x[sl], labels[sl])["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), TRAINER_MAX_GRAD_NORM)
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_reference_per_shard_norms(name: str, mode: str, shards: int = 2, steps: int = STEPS):
+    """As :func:`trainer_reference`, but every parameter is split along dim 0 into ``shards`` pieces (the
+    pieces FSDP2 gives each process) and the optimizer steps the pieces as separate parameters: what a
+    sharded run would give if per-parameter norms (LAMB's trust ratio) were taken over the local shard
+    only. The model's forward sees the concatenated pieces; clipping is over all pieces (the whole gradient)."""
+    import tempfile
+
+    from hf_win import WinTrainingArguments, get_optimizer_cls_and_kwargs
+
+    with tempfile.TemporaryDirectory() as out:
+        args = WinTrainingArguments(output_dir=out, optim=name, acceleration_mode=mode, learning_rate=LR,
+                                    weight_decay=WEIGHT_DECAY, use_cpu=True, report_to="none")
+        cls, kwargs = get_optimizer_cls_and_kwargs(args)
+    model = make_model()
+    pieces = {n: [c.detach().clone().requires_grad_(True) for c in p.chunk(shards, dim=0)]
+              for n, p in model.named_parameters()}
+    decay = [c for n, cs in pieces.items() for c in cs if cs[0].ndim >= 2]
+    no_decay = [c for n, cs in pieces.items() for c in cs if cs[0].ndim < 2]
+    opt = cls([{"params": decay, "weight_decay": kwargs.get("weight_decay", WEIGHT_DECAY)},
+               {"params": no_decay, "weight_decay": 0.0}], **kwargs)
+    x, labels = make_data()
+    for step in range(steps):
+        sl = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
+        opt.zero_grad(set_to_none=True)
+        full = {n: torch.cat(cs, dim=0) for n, cs in pieces.items()}
+        torch.func.functional_call(model, full, (x[sl], labels[sl]))["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(decay + no_decay, TRAINER_MAX_GRAD_NORM)
+        opt.step()
+    return {n: torch.cat(cs, dim=0).detach().clone() for n, cs in pieces.items()}
+
+
+def param_count() -> int:
+    return sum(p.numel() for p in make_model().parameters())
+
+
+def buffers(name: str, mode: str) -> int:
+    return get_optimizer_spec(name).cls.buffers_per_parameter(mode)

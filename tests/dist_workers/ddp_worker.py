@@ -4,7 +4,10 @@ For every registry optimizer in win and win2 it trains ``TinyNet`` for a few ste
 1. DDP through ``Accelerator(cpu=True).prepare`` (the optimizer's own clipping on: under DDP every
    process holds the full, averaged gradient, so the clipping norm is the global one);
 2. DDP + ``torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=<Win optimizer>)`` (each
-   process keeps the state of about half of the parameters).
+   process keeps the state of about half of the parameters);
+3. FSDP2: ``torch.distributed.fsdp.fully_shard`` per layer on a CPU device mesh (DTensor parameters), the
+   optimizer's own clipping on. (FSDP2 through ``WinTrainer`` / Accelerate is tested in
+   ``test_distributed_fsdp2_trainer.py``.)
 Rank 0 writes the final parameters, the per-process optimizer-state bytes and the refusal message for the
 optimizer's own clipping under ZeroRedundancyOptimizer to ``argv[1]``.
 """
@@ -16,7 +19,10 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 
 import common
 from hf_win.registry import get_optimizer_spec
@@ -42,12 +48,13 @@ def main(out_path):
     acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=60))])
     rank, world = acc.process_index, acc.num_processes
     assert world == 2 and dist.get_backend() == "gloo", (world, dist.get_backend() if dist.is_initialized() else None)
+    mesh = init_device_mesh("cpu", (world,))
     results, memory, errors = {}, {}, {}
     for name, mode in common.combos():
         cls = get_optimizer_spec(name).cls
-        # 1. DDP, optimizer clipping on (max_grad_norm=1: correct under DDP, the gradients are the full ones).
+        # 1. DDP, optimizer clipping on (max_grad_norm=common.CLIP: correct under DDP, the gradients are the full ones).
         model = common.make_model()
-        opt = cls(common.param_groups(model), **common.optimizer_kwargs(name, mode, max_grad_norm=1.0))
+        opt = cls(common.param_groups(model), **common.optimizer_kwargs(name, mode, max_grad_norm=common.CLIP))
         ddp_model, opt = acc.prepare(model, opt)
         assert isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel)
         train(ddp_model, opt, rank, world)
@@ -63,9 +70,24 @@ def main(out_path):
         )
         train(ddp_model, zero, rank, world)
         results[f"zero/{name}/{mode}"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        local = [None] * world
-        dist.all_gather_object(local, zero.optim.state_bytes())
-        memory[f"{name}/{mode}"] = {"ddp_per_process": ddp_bytes, "zero_per_process": local}
+        zero_local = [None] * world
+        dist.all_gather_object(zero_local, zero.optim.state_bytes())
+
+        # 3. FSDP2: fully_shard on a CPU device mesh; parameters, gradients and optimizer state are DTensor
+        #    shards. Optimizer clipping on (max_grad_norm=common.CLIP): norms of DTensors are reduced over processes.
+        model = common.make_model()
+        for layer in (model.inp, model.norm, model.h1, model.h2, model.out):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in model.parameters())
+        opt = cls(common.param_groups(model), **common.optimizer_kwargs(name, mode, max_grad_norm=common.CLIP))
+        train(model, opt, rank, world)
+        results[f"fsdp2/{name}/{mode}"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        fsdp_local = [None] * world
+        dist.all_gather_object(fsdp_local, sum(v.to_local().numel() * v.element_size() for s in opt.state.values()
+                                               for v in s.values() if isinstance(v, DTensor)))
+        memory[f"{name}/{mode}"] = {"ddp_per_process": ddp_bytes, "zero_per_process": zero_local,
+                                    "fsdp2_per_process": fsdp_local}
 
     # The optimizer's own clipping would see only this process's parameters: refused at construction.
     model = common.make_model()

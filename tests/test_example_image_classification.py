@@ -1,0 +1,269 @@
+"""The ViT image-classification example (examples/image_classification) and the recipes in configs/.
+
+End to end (a few steps each): the built-in digits default (as a subprocess, the README's entry point), a local
+image folder made here, a saved tiny pretrained ViT; every recipe in configs/ parses and builds the optimizer
+it names with its hyper-parameters; bad input gets one clear line.
+"""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "image_classification" / "run_image_classification.py"
+CONFIGS = ROOT / "configs"
+RECIPES = sorted(glob.glob(str(CONFIGS / "*.yaml")))
+TINY = ("image_size=16,patch_size=8,hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32,"
+        "layer_norm_eps=1e-6,qkv_bias=true")
+CLASSES = ("bird", "cat", "dog")
+
+
+@pytest.fixture(scope="module")
+def ric():
+    spec = importlib.util.spec_from_file_location("run_image_classification", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """train/ and validation/ folders of small PNGs, one sub-folder per class (the ImageNet layout)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("validation", 4)):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(12, 30, size=2)
+                pixels = rng.integers(0, 60, size=(h, w, 3)).astype(np.uint8)
+                pixels[..., c] += 150  # the class is the dominant channel
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def _results(out_dir):
+    with open(os.path.join(out_dir, "all_results.json")) as f:
+        return json.load(f)
+
+
+def test_default_digits_end_to_end(tmp_path):
+    """No data argument: the digits, a ViT from scratch, the top-k metrics in all_results.json, a summary line."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--max_steps", "4", "--output_dir", str(out), "--disable_tqdm", "true",
+         "--per_device_train_batch_size", "16"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results(out)
+    for key in ("eval_top1_accuracy", "eval_top5_accuracy", "train_loss", "eval_loss"):
+        assert key in results, results
+    assert 0.0 <= results["eval_top1_accuracy"] <= results["eval_top5_accuracy"] <= 1.0
+    assert results["train_runtime"] > 0
+    assert "*** Result on 360 held-out images" in proc.stdout  # 20% of 1,797 digits held out
+    config = json.load(open(out / "config.json"))
+    assert config["model_type"] == "vit" and len(config["id2label"]) == 10 and config["image_size"] == 16
+
+
+def test_image_folder_end_to_end(ric, image_folder, tmp_path):
+    out = tmp_path / "out"
+    results = ric.run([
+        "--train_dir", str(image_folder / "train"), "--validation_dir", str(image_folder / "validation"),
+        "--config_overrides", TINY, "--max_steps", "3", "--per_device_train_batch_size", "4",
+        "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true",
+        "--optim", "lamb_win", "--acceleration_mode", "win", "--learning_rate", "1e-3",
+        "--randaugment_num_ops", "2", "--randaugment_magnitude", "7", "--mixup_alpha", "0.8", "--cutmix_alpha", "1.0",
+        "--label_smoothing_factor", "0.1", "--drop_path_rate", "0.1", "--eval_crop_pct", "0.875",
+    ])
+    assert results["epoch"] > 0 and np.isfinite(results["train_loss"])
+    assert set(_results(out)) >= {"eval_top1_accuracy", "eval_loss", "train_loss"}
+    assert "eval_top5_accuracy" not in results  # 3 classes: top-5 is meaningless and not reported
+    config = json.load(open(out / "config.json"))
+    assert sorted(config["label2id"]) == list(CLASSES)
+    assert json.load(open(out / "trainer_state.json"))["global_step"] == 3
+
+
+def test_pretrained_checkpoint_is_loaded(ric, image_folder, tmp_path):
+    """--model_name_or_path loads the saved weights (with lr 0 the backbone must come back unchanged) and
+    replaces a classifier of another size with --ignore_mismatched_sizes."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32, num_labels=5)
+    pretrained = ViTForImageClassification(config)
+    ckpt = tmp_path / "tiny-vit"
+    pretrained.save_pretrained(ckpt)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(ckpt)
+    out = tmp_path / "out"
+    ric.run([
+        "--model_name_or_path", str(ckpt), "--ignore_mismatched_sizes", "true",
+        "--train_dir", str(image_folder / "train"), "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--learning_rate", "0.0", "--warmup_steps", "0", "--output_dir", str(out), "--report_to", "none",
+        "--disable_tqdm", "true",
+    ])
+    tuned = ViTForImageClassification.from_pretrained(out)
+    assert tuned.config.num_labels == 3
+    before, after = pretrained.state_dict(), tuned.state_dict()
+    backbone = [k for k in before if not k.startswith("classifier")]
+    assert backbone
+    for k in backbone:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6, msg=k)
+
+
+def _param_group_of(optimizer, param):
+    return next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+
+
+@pytest.mark.parametrize("recipe", [os.path.basename(p) for p in RECIPES])
+def test_recipe_parses_and_builds_its_optimizer(ric, image_folder, tmp_path, recipe):
+    from hf_win import get_optimizer_spec
+
+    path = str(CONFIGS / recipe)
+    raw = yaml.safe_load(open(path))
+    model_args, data_args, aug_args, training_args, default_data = ric.parse_arguments([
+        path, "--train_dir", str(image_folder / "train"), "--config_overrides", TINY, "--fp16", "false",
+        "--dataloader_num_workers", "0", "--output_dir", str(tmp_path),
+    ])
+    assert not default_data and data_args.dataset_name is None  # the command line's data source wins
+    # every value of the file arrived (those not overridden above)
+    parsed = {**vars(model_args), **vars(data_args), **vars(aug_args), **vars(training_args)}
+    for key, value in raw.items():
+        if key in ("config_overrides", "fp16", "dataloader_num_workers", "output_dir", "dataset_name"):
+            continue
+        got = parsed[key]
+        got = getattr(got, "value", got)
+        assert got == value or (isinstance(value, float) and got == pytest.approx(value)), (key, got, value)
+
+    model, processor = ric.build_model(model_args, list(CLASSES), training_args)
+    assert list(processor.image_mean) == raw["image_mean"]
+    n_drop = sum(isinstance(m, ric.DropPath) for m in model.modules())
+    assert n_drop == (2 if raw["drop_path_rate"] > 0 else 0)
+    trainer = ric.ImageClassificationTrainer(
+        model=model, args=training_args, batch_augment=torch.nn.Identity(), eval_dataset=[{}],
+        weight_decay_filter=model_args.weight_decay_filter,
+    )
+    optimizer = trainer.create_optimizer()
+    inner = getattr(optimizer, "optimizer", optimizer)
+    assert type(inner) is get_optimizer_spec(raw["optim"]).cls
+    assert inner.defaults["acceleration_mode"] == raw["acceleration_mode"]
+    assert tuple(inner.defaults["reckless_steps"]) == tuple(raw["reckless_steps"])
+    assert inner.defaults["max_grad_norm"] == 0.0 and training_args.max_grad_norm == raw["max_grad_norm"]
+    if "adam_beta1" in raw:
+        assert tuple(inner.defaults["betas"][:2]) == (raw["adam_beta1"], raw["adam_beta2"])
+        assert inner.defaults["eps"] == raw["adam_epsilon"]
+    else:
+        assert inner.defaults["momentum"] == float(raw["optim_args"].split("=")[1])
+    # weight decay on the right parameters
+    weight = model.vit.layers[0].attention.q_proj.weight
+    bias = model.vit.layers[0].attention.q_proj.bias
+    pos = model.vit.embeddings.position_embeddings
+    assert _param_group_of(inner, weight)["weight_decay"] == raw["weight_decay"]
+    expect_bias = raw["weight_decay"] if raw["weight_decay_filter"] == "all" else 0.0
+    assert _param_group_of(inner, bias)["weight_decay"] == expect_bias
+    assert _param_group_of(inner, pos)["weight_decay"] == expect_bias  # timm: no decay on the position embedding
+    # the schedule starts at warmup_lr and reaches min_lr at the end
+    scheduler = trainer.create_scheduler(num_training_steps=1000, optimizer=optimizer)
+    lr0 = scheduler.get_last_lr()[0]
+    assert lr0 == pytest.approx(raw["learning_rate"] * raw["lr_scheduler_kwargs"]["warmup_lr_rate"], rel=1e-6)
+
+
+def test_distributed_configs_parse():
+    """accelerate launch files and DeepSpeed JSON parse and say what their names say (run by issue 5's tests)."""
+    accel = {os.path.basename(p): yaml.safe_load(open(p)) for p in glob.glob(str(CONFIGS / "accelerate" / "*.yaml"))}
+    assert set(accel) == {"ddp.yaml", "multi_node.yaml", "fsdp2.yaml", "deepspeed_zero1.yaml",
+                          "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
+    assert accel["ddp.yaml"]["distributed_type"] == "MULTI_GPU"
+    assert accel["multi_node.yaml"]["num_machines"] > 1
+    assert accel["fsdp2.yaml"]["fsdp_config"]["fsdp_version"] == 2
+    for stage in (1, 2, 3):
+        cfg = accel[f"deepspeed_zero{stage}.yaml"]
+        ds_file = ROOT / cfg["deepspeed_config"]["deepspeed_config_file"]
+        ds = json.load(open(ds_file))
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["zero_allow_untested_optimizer"] is True
+        assert "optimizer" not in ds  # the optimizer is the Trainer's (Win), not one of DeepSpeed's
+
+
+def test_batch_augment_targets(ric):
+    """Soft targets: label smoothing as timm's mixup_target, rows sum to 1, mixing pairs the batch with its
+    reverse, cutmix's lam is the true area of the box."""
+    aug = ric.AugmentationArguments(mixup_alpha=0.0, cutmix_alpha=1.0)
+    ba = ric.BatchAugment([0.5] * 3, [0.5] * 3, 4, aug, label_smoothing=0.2)
+    labels = torch.tensor([0, 1, 2, 3, 1, 0])
+    t = ba.soft_targets(labels)
+    assert torch.allclose(t.sum(1), torch.ones(6))
+    assert t[0, 0] == pytest.approx(0.85) and t[0, 1] == pytest.approx(0.05)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    mixed, target = ba(x, labels)
+    assert torch.allclose(target.sum(1), torch.ones(6))
+    normalized = (x - 0.5) / 0.5
+    from_self = (mixed == normalized).float().mean(dim=(1, 2, 3))
+    from_other = (mixed == normalized.flip(0)).float().mean(dim=(1, 2, 3))
+    # sample 2 (label 2) is paired with sample 3 (label 3): target[2, 2] = lam * 0.85 + (1 - lam) * 0.05
+    lam = (float(target[2, 2]) - 0.05) / 0.8
+    assert 0.0 < lam < 1.0
+    assert float(target[2, 3]) == pytest.approx((1 - lam) * 0.85 + lam * 0.05)
+    assert float(from_self[2]) == pytest.approx(lam, abs=1e-6)  # lam is the share of the image kept
+    assert float(from_other[2]) == pytest.approx(1 - lam, abs=1e-6)
+
+
+def test_random_resized_crop_box_in_bounds(ric):
+    torch.manual_seed(0)
+    for h, w in ((8, 8), (30, 12), (5, 40)):
+        for _ in range(50):
+            top, left, ch, cw = ric.random_resized_crop_box(h, w, (0.08, 1.0), (3 / 4, 4 / 3))
+            assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
+
+
+def _error_line(ric, capsys, argv):
+    rc = ric.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err  # one error line, the last word said
+    return lines[0]
+
+
+def test_error_missing_data_directory(ric, capsys, tmp_path):
+    line = _error_line(ric, capsys, ["--train_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path)])
+    assert line.startswith("error: --train_dir") and "does not exist" in line
+
+
+def test_error_image_column_not_there(ric, capsys, image_folder, tmp_path):
+    line = _error_line(ric, capsys, ["--train_dir", str(image_folder / "train"), "--image_column_name", "img",
+                                     "--output_dir", str(tmp_path)])
+    assert "--image_column_name 'img' is not a column" in line and "image, label" in line
+
+
+def test_error_unknown_optimizer(ric, capsys, tmp_path):
+    line = _error_line(ric, capsys, ["--optim", "adamw_wn", "--output_dir", str(tmp_path)])
+    assert line.startswith("error:") and "adamw_wn" in line and "adamw_win" in line and "lamb_win" in line
+
+
+def test_error_config_does_not_parse(ric, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: adamw_win\nlearning_rate: [1e-3\n")
+    line = _error_line(ric, capsys, [str(bad)])
+    assert line.startswith(f"error: argument file {bad} does not parse")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("optim: adamw_win\nlearning_rte: 0.001\n")
+    line = _error_line(ric, capsys, [str(unknown)])
+    assert "unknown argument 'learning_rte'" in line
