@@ -203,15 +203,34 @@ def _flat(t: Tensor) -> Tensor:
     return t.view(-1).detach()
 
 
-def _flat_state(cache: dict, p: Tensor, state: dict, keys) -> tuple:
-    """1-D views of ``p`` and of its state buffers, cached while the buffers are the same tensors."""
-    entry = cache.get(id(p))
-    if entry is not None and entry[0] is p and all(state[k] is entry[2][k] for k in keys):
-        return entry[1], entry[3]
-    views = {k: _flat(state[k]) for k in keys}
-    entry = (p, _flat(p), {k: state[k] for k in keys}, views)
-    cache[id(p)] = entry
-    return entry[1], entry[3]
+class _Plan:
+    """What does not change from step to step for a param group: which parameters the graph can take
+    (contiguous, >= 2 elements, contiguous state), their 1-D aliases and those of their state. Rebuilt
+    when the parameters or any state tensor change (``load_state_dict``, new parameters)."""
+
+    def __init__(self, params, states, keys):
+        self.param_ids = [id(p) for p in params]
+        self.sources = [[st[k] for k in keys] for st in states]
+        self.eligible = [
+            fusable(p) and all(t.is_contiguous() for t in src) for p, src in zip(params, self.sources)
+        ]
+        self.kind = [(p.dtype, p.device) for p in params]
+        self.flat_p = [_flat(p) if ok else None for p, ok in zip(params, self.eligible)]
+        self.flat_s = [
+            {k: _flat(t) for k, t in zip(keys, src)} if ok else None for src, ok in zip(self.sources, self.eligible)
+        ]
+
+    def valid(self, params, states, keys) -> bool:
+        if len(params) != len(self.param_ids):
+            return False
+        for p, pid in zip(params, self.param_ids):
+            if id(p) != pid:
+                return False
+        for st, src in zip(states, self.sources):
+            for k, t in zip(keys, src):
+                if st[k] is not t:
+                    return False
+        return True
 
 
 def fused_apply(opt, group, params, grads, states, steps) -> List[int]:
@@ -221,19 +240,21 @@ def fused_apply(opt, group, params, grads, states, steps) -> List[int]:
     the left-over indices (first steps, non-contiguous or tiny tensors) on the foreach path."""
     mode = group["acceleration_mode"]
     keys = tuple(opt._state_keys(group)) + tuple(extra_state_keys(mode))
-    cache = opt.__dict__.setdefault("_fused_views", {})
+    plans = opt.__dict__.setdefault("_fused_plans", {})
+    plan = plans.get(id(group))
+    if plan is None or plan.keys != keys or not plan.valid(params, states, keys):
+        plan = plans[id(group)] = _Plan(params, states, keys)
+        plan.keys = keys
     hyper = {k: v for k, v in group.items() if k not in ("params", "lr", "step")}
     lr_value = float(group["lr"])
 
     rest: List[int] = []
     buckets: Dict[tuple, List[int]] = {}
-    for i, (p, g, t) in enumerate(zip(params, grads, steps)):
-        if t == 1 or not fusable(p) or not g.is_contiguous() or g.dtype != p.dtype or not all(
-            states[i][k].is_contiguous() for k in keys
-        ):
-            rest.append(i)
+    for i, (ok, kind, g, t) in enumerate(zip(plan.eligible, plan.kind, grads, steps)):
+        if ok and t != 1 and g.dtype == kind[0] and g.is_contiguous():
+            buckets.setdefault((t,) + kind, []).append(i)
         else:
-            buckets.setdefault((t, p.dtype, p.device), []).append(i)
+            rest.append(i)
     if not buckets:
         return rest
 
@@ -250,12 +271,9 @@ def fused_apply(opt, group, params, grads, states, steps) -> List[int]:
             scalar_dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
             step = torch.tensor(float(t), dtype=scalar_dtype, device=device)
             lr = torch.tensor(lr_value, dtype=scalar_dtype, device=device)
-            flat_p, flat_g, flat_s = [], [], []
-            for i in idx:
-                fp, fs = _flat_state(cache, params[i], states[i], keys)
-                flat_p.append(fp)
-                flat_g.append(_flat(grads[i]))
-                flat_s.append(fs)
+            flat_p = [plan.flat_p[i] for i in idx]
+            flat_s = [plan.flat_s[i] for i in idx]
+            flat_g = [_flat(grads[i]) for i in idx]
             for start in range(0, len(idx), BUCKET):
                 bp, bg, bs = flat_p[start : start + BUCKET], flat_g[start : start + BUCKET], flat_s[start : start + BUCKET]
                 pad = BUCKET - len(bp)
