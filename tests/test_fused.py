@@ -55,10 +55,11 @@ def _train(name, mode, steps=4, dtype=torch.float32, two_groups=False, **flags):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", hf_win.available_optimizers())
 def test_fused_matches_foreach_float32(name, mode, eager_backend):
-    calls = _fused.compile_counter()["calls"]
+    calls, direct = _fused.compile_counter()["calls"], _fused.compile_counter()["direct_calls"]
     two = name == "adamw_win"  # (golden cases cover several groups for every optimizer)
     fused, opt = _train(name, mode, fused=True, two_groups=two)
     assert _fused.compile_counter()["calls"] > calls, "the fused path was not taken"
+    assert _fused.compile_counter()["direct_calls"] > direct, "the direct (unguarded) call was not taken"
     reference, _ = _train(name, mode, foreach=True, two_groups=two)
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
@@ -110,13 +111,16 @@ def test_no_recompilation_over_100_steps_of_cosine_with_warmup(eager_backend):
     assert len(lrs) > 50  # the learning rate really changed (from 0: linear warmup)
     assert after["compiles"] - before["compiles"] <= 1  # at most the first compile (0 if cached here)
     assert after["calls"] - before["calls"] == 99 * 2  # step 1 eager; 4 tensors in buckets of 2
+    assert after["direct_calls"] - before["direct_calls"] >= 98 * 2  # all but the first compiled step
 
 
 def test_inductor_fused_matches_foreach(monkeypatch):
     """One real compile: the generated kernels give foreach's results within float32 tolerance."""
     monkeypatch.setattr(_fused, "BACKEND", "inductor")
     monkeypatch.setattr(_fused, "BUCKET", 2)
+    direct = _fused.compile_counter()["direct_calls"]
     fused, _ = _train("adamw_win", "win", steps=3, fused=True)
+    assert _fused.compile_counter()["direct_calls"] > direct  # step 3 skips torch.compile's entry point
     reference, _ = _train("adamw_win", "win", steps=3, foreach=True)
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
