@@ -19,6 +19,10 @@ How it is compiled, and why:
   viewed as 1-D tensors and stepped in buckets of ``BUCKET`` tensors by one graph with dynamic sizes;
   the last bucket is padded with small scratch tensors, so one compiled graph serves every bucket of
   every model with that optimizer, mode, dtype and device.
+- **Calls skip the guarded entry point.** After its first call compiles (or finds) the graph for a
+  dtype and device, ``fused_apply`` calls the compiled graph directly: entering through
+  ``torch.compile``'s frame (guards over ~50 tensors, ~0.2 ms a call) cost 3 to 5 ms of a ViT-S step.
+  See ``_direct_call`` for why that is safe here and when the guarded entry is kept.
 - **First steps run eagerly.** A parameter's first step (state creation, SGD's buffer initialisation)
   runs on the foreach path; so do tensors the graph cannot take as flat views (non-contiguous, fewer
   than 2 elements). Results are the same: it is the same code.
