@@ -169,21 +169,20 @@ def main(out_path, modes, names):
     world = int(os.environ["WORLD_SIZE"])
     if "fsdp2" in modes:
         # Without the shim, Accelerate would drop --fsdp on CPU processes: WinTrainer refuses at construction.
-        try:
-            WinTrainer(model=common.make_model(), args=make_args(os.path.join(tmp, "noshim"), "adamw_win", "win",
-                                                                  "fsdp2", world), train_dataset=Data())
-            errors["fsdp2_without_shim"] = None
-        except ValueError as e:
-            errors["fsdp2_without_shim"] = str(e)
-        reset()
+        def refusal(launch_mode):
+            """The ValueError WinTrainer raises at construction, or None if it builds."""
+            try:
+                WinTrainer(model=common.make_model(), args=make_args(os.path.join(tmp, "noshim"), "adamw_win",
+                                                                      "win", launch_mode, world), train_dataset=Data())
+                return None
+            except ValueError as e:
+                return str(e)
+            finally:
+                reset()
+
+        errors["fsdp2_without_shim"] = refusal("fsdp2")
         os.environ["ACCELERATE_USE_FSDP"] = "true"  # what accelerate launch with an FSDP config sets
-        try:
-            WinTrainer(model=common.make_model(), args=make_args(os.path.join(tmp, "noshim"), "adamw_win", "win",
-                                                                  "ddp", world), train_dataset=Data())
-            errors["accelerate_fsdp_without_shim"] = None
-        except ValueError as e:
-            errors["accelerate_fsdp_without_shim"] = str(e)
-        reset()
+        errors["accelerate_fsdp_without_shim"] = refusal("ddp")
         allow_fsdp_on_cpu()
     for mode in modes:
         t0 = time.time()
