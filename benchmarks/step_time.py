@@ -1,11 +1,15 @@
 """Time one optimizer step, for every registry optimizer x acceleration mode x path, against torch.optim.AdamW.
 
+Paths: ``fused`` (``fused=True``: on CPU the generated C kernel of ``hf_win/optim/_ckernel.py``, which is
+also what the default ``fused=None`` runs on CPU), ``compiled`` (``fused=True`` with that kernel off, i.e.
+the ``torch.compile`` graph used on other devices), ``foreach``, ``per_tensor``.
+
 For a named parameter set (the parameter shapes of a model, with random gradients), each group of
 contenders (our optimizer on each path, ``torch.optim.AdamW(fused=True)`` and ``AdamW(foreach=True)``)
 is built together and stepped in interleaved rounds, after warm-up; the table reports the median step
 time of each and its ratio to fused AdamW *measured in the same group*. Also reported: the time of the
-first compiled step (compile time: run the script twice with the same ``TORCHINDUCTOR_CACHE_DIR`` to see
-the cold and the cached figure), and the peak of memory allocated during one step beyond the
+first fused step (the kernel's build or the graph's compile: run the script twice with the same
+``HF_WIN_CACHE_DIR`` / ``TORCHINDUCTOR_CACHE_DIR`` to see the cold and the cached figure), and the peak of memory allocated during one step beyond the
 persistent state, in units of the parameters' size ("transient buffers").
 
     python benchmarks/step_time.py --params vit_s                 # full table, ViT-S/16 shapes
@@ -78,6 +82,7 @@ def machine(device: torch.device) -> dict:
         "platform": platform.platform(),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(default)"),
+        "hf_win_cache": os.environ.get("HF_WIN_CACHE_DIR", "(default)"),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -88,6 +93,8 @@ def machine(device: torch.device) -> dict:
 class Contender:
     def __init__(self, label, optimizer, path, mode, build, shapes, grads, device):
         self.label, self.optimizer, self.path, self.mode = label, optimizer, path, mode
+        self.cpu_kernel = False if path == "compiled" else True  # the compiled path: CPU kernel off
+        self.impl = ""
         self.params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
         for p, g in zip(self.params, grads):
             p.grad = g  # shared, read-only
@@ -97,8 +104,12 @@ class Contender:
         self.transient = float("nan")
 
     def step(self):
-        t0 = time.perf_counter()
-        self.opt.step()
+        saved, _fused.CPU_KERNEL = _fused.CPU_KERNEL, self.cpu_kernel
+        try:
+            t0 = time.perf_counter()
+            self.opt.step()
+        finally:
+            _fused.CPU_KERNEL = saved
         if self.params[0].device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -146,7 +157,8 @@ def build_groups(args, shapes, grads, device):
                 kw["max_grad_norm"] = 0.0  # clipping is the Trainer's; measure the step itself
             builders = []
             for path in args.paths:
-                flags = {"fused": {"fused": True}, "foreach": {"foreach": True, "fused": False},
+                flags = {"fused": {"fused": True}, "compiled": {"fused": True},
+                         "foreach": {"foreach": True, "fused": False},
                          "per_tensor": {"foreach": False, "fused": False}}[path]
                 builders.append((f"{name}/{mode}/{path}", name, path, mode,
                                  lambda ps, kw=dict(kw, **flags): spec.cls(ps, **kw)))
@@ -163,11 +175,15 @@ def run_group(builders, shapes, grads, device, args):
     for c in contenders:
         c.step()
     for c in contenders:
-        before = _fused.compile_counter()["compiles"]
+        before = _fused.compile_counter()
         dt = c.step()
-        if isinstance(c.opt, WinOptimizer) and c.path == "fused":
-            c.compile_s = dt
-            c.compiled_graphs = _fused.compile_counter()["compiles"] - before
+        after = _fused.compile_counter()
+        if isinstance(c.opt, WinOptimizer):
+            # what really ran: the generated kernel, the compiled graph, or (no fused call) foreach
+            c.impl = ("kernel" if after["kernel_calls"] > before["kernel_calls"]
+                      else "graph" if after["calls"] > before["calls"] else "eager")
+            if c.path in ("fused", "compiled"):
+                c.compile_s = dt
     for _ in range(args.warmup):
         for c in contenders:
             c.step()
@@ -185,7 +201,8 @@ def main(argv=None):
     ap.add_argument("--params", default="vit_s", choices=sorted(PARAM_SETS))
     ap.add_argument("--optimizers", nargs="+", default=available_optimizers(), choices=available_optimizers())
     ap.add_argument("--modes", nargs="+", default=["win", "win2", "none"], choices=["win", "win2", "none"])
-    ap.add_argument("--paths", nargs="+", default=["fused", "foreach"], choices=["fused", "foreach", "per_tensor"])
+    ap.add_argument("--paths", nargs="+", default=["fused", "compiled", "foreach"],
+                    choices=["fused", "compiled", "foreach", "per_tensor"])
     ap.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds after the compile step")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
@@ -217,7 +234,7 @@ def main(argv=None):
         for c in contenders:
             rows.append({
                 "group": f"{name}/{mode}",
-                "optimizer": c.optimizer, "mode": c.mode, "path": c.path,
+                "optimizer": c.optimizer, "mode": c.mode, "path": c.path, "runs": c.impl or "torch",
                 "median_ms": round(med[c.label] * 1e3, 3),
                 "min_ms": round(min(c.times) * 1e3, 3),
                 "ratio_to_torch_fused_adamw": round(med[c.label] / base, 3),
@@ -245,13 +262,15 @@ def main(argv=None):
           "| machine | |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in info.items()]
     md += ["", f"Median of {args.repeats} interleaved rounds after warm-up; ratio = median / median of "
-           "`torch.optim.AdamW(fused=True)` in the same group. compile = the first compiled step (s). "
+           "`torch.optim.AdamW(fused=True)` in the same group. runs = what the step executed (kernel: the "
+           "generated CPU kernel; graph: the torch.compile graph). compile = the first fused step (s): the "
+           "kernel's build or the graph's compile, or their load from the cache. "
            "transient = peak memory allocated during one step beyond the persistent state, in units of the "
            "parameters' size.", "",
-           "| optimizer | mode | path | ms | x fused AdamW | compile s | state / params | transient |",
-           "|---|---|---|---:|---:|---:|---:|---:|"]
+           "| optimizer | mode | path | runs | ms | x fused AdamW | compile s | state / params | transient |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        md.append(f"| {r['optimizer']} | {r['mode']} | {r['path']} | {r['median_ms']:.2f} | "
+        md.append(f"| {r['optimizer']} | {r['mode']} | {r['path']} | {r['runs']} | {r['median_ms']:.2f} | "
                   f"{r['ratio_to_torch_fused_adamw']:.2f} | {r['compile_s']} | {r['state_bytes_per_param_byte']} | "
                   f"{r['transient_param_sizes']} |")
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")

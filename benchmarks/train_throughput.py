@@ -2,7 +2,7 @@
 
 Runs ``examples/image_classification/run_image_classification.py`` (its offline default: a small ViT
 trained from scratch on scikit-learn's digits) in this process, once per contender and round; rounds
-interleave the contenders, round 0 is a warm-up (it includes the fused path's compile) and is not counted.
+interleave the contenders, round 0 is a warm-up (it includes the kernel's build and the graph's compile) and is not counted.
 Reports the Trainer's ``train_samples_per_second`` (median over rounds) and its ratio to
 ``--optim adamw_torch_fused``, the fastest torch AdamW, measured in the same run.
 
@@ -30,24 +30,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_time import machine  # noqa: E402
 
-# (label, --optim, extra flags)
+# (label, --optim, extra flags). The default path of every Win optimizer on CPU is the generated kernel
+# (fused=None); "compiled" is fused=True with that kernel off (hf_win.optim._fused.CPU_KERNEL = False).
 CONTENDERS = [
     ("torch AdamW (fused)", "adamw_torch_fused", ["--acceleration_mode", "win"]),  # (the example defaults to win2)
     ("torch AdamW (foreach)", "adamw_torch", ["--acceleration_mode", "win", "--optim_args", "foreach=True"]),
-    ("AdamW-Win win, foreach", "adamw_win", ["--acceleration_mode", "win"]),
-    ("AdamW-Win win, fused", "adamw_win", ["--acceleration_mode", "win", "--optim_args", "fused=True"]),
-    ("AdamW-Win win2, fused", "adamw_win", ["--acceleration_mode", "win2", "--optim_args", "fused=True"]),
+    ("AdamW-Win win, default (kernel)", "adamw_win", ["--acceleration_mode", "win"]),
+    ("AdamW-Win win2, default (kernel)", "adamw_win", ["--acceleration_mode", "win2"]),
+    ("AdamW-Win win, foreach", "adamw_win", ["--acceleration_mode", "win", "--optim_args", "foreach=True"]),
+    ("AdamW-Win win, compiled", "adamw_win", ["--acceleration_mode", "win", "--optim_args", "fused=True"]),
 ]
 
 
-def one_run(optim, extra, steps, out_dir, model_args):
+def one_run(optim, extra, steps, out_dir, model_args, cpu_kernel=True):
     import run_image_classification as example
 
     argv = ["--output_dir", out_dir, "--do_train", "--max_steps", str(steps), "--optim", optim,
             "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no", "--logging_strategy", "no",
             "--disable_tqdm", "true", "--do_eval", "false", "--log_level", "error", "--seed", "0", *model_args, *extra]
-    with contextlib.redirect_stdout(io.StringIO()):
-        metrics = example.run(argv)
+    from hf_win.optim import _fused
+
+    saved = _fused.CPU_KERNEL
+    _fused.CPU_KERNEL = cpu_kernel
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            metrics = example.run(argv)
+    finally:
+        _fused.CPU_KERNEL = saved
     return metrics["train_samples_per_second"]
 
 
@@ -71,7 +80,8 @@ def main(argv=None):
         for r in range(args.rounds + 1):
             order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[: r % len(CONTENDERS)]
             for label, optim, extra in order:
-                sps = one_run(optim, extra, args.steps, os.path.join(tmp, "run"), model_args)
+                sps = one_run(optim, extra, args.steps, os.path.join(tmp, "run"), model_args,
+                              cpu_kernel=not label.endswith("compiled"))
                 print(f"round {r}{' (warm-up)' if r == 0 else ''}: {label:<26} {sps:8.1f} samples/s", flush=True)
                 if r > 0:
                     results[label].append(sps)

@@ -1,7 +1,9 @@
-"""The ``fused=True`` path (hf_win/optim/_fused.py): same results as foreach, no recompilation when the
-learning rate changes, validation, the Trainer flag, and the step-time benchmark's outputs.
+"""The ``fused=True`` path: same results as foreach, nothing rebuilt when the learning rate changes,
+validation, the Trainer flag, and the step-time benchmark's outputs.
 
-Compiling with inductor on 2 cores takes tens of seconds, so most tests compile with the ``eager``
+Two implementations: on CPU the generated C kernel (hf_win/optim/_ckernel.py), tested first; elsewhere,
+and on CPU for what the kernel cannot express, the ``torch.compile`` graph (hf_win/optim/_fused.py).
+Compiling with inductor on 2 cores takes tens of seconds, so the graph tests compile with the ``eager``
 backend (dynamo traces the same function into the same graph; only the code generation differs) and
 small buckets; one test compiles with inductor for real.
 """
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 import hf_win
-from hf_win.optim import _fused
+from hf_win.optim import _ckernel, _fused
 
 from _golden import cases, replay
 
@@ -23,8 +25,20 @@ SHAPES = [(6, 5), (7,), (1,), (3, 2, 2), (9,)]  # (1,) is too small for the grap
 
 @pytest.fixture
 def eager_backend(monkeypatch):
+    """The torch.compile path (the CPU kernel off), compiled with the eager backend."""
+    monkeypatch.setattr(_fused, "CPU_KERNEL", False)
     monkeypatch.setattr(_fused, "BACKEND", "eager")
     monkeypatch.setattr(_fused, "BUCKET", 2)
+
+
+@pytest.fixture
+def kernel_cache(monkeypatch, tmp_path_factory):
+    """The CPU kernel path, building into a fresh cache directory (so builds really happen)."""
+    monkeypatch.setattr(_fused, "CPU_KERNEL", True)
+    monkeypatch.setenv("HF_WIN_CACHE_DIR", str(tmp_path_factory.mktemp("hf_win_cache")))
+    _ckernel.reset()
+    yield
+    _ckernel.reset()
 
 
 def _kwargs(name, mode, **extra):
@@ -52,6 +66,152 @@ def _train(name, mode, steps=4, dtype=torch.float32, two_groups=False, **flags):
     return [p.detach().clone() for p in params], opt
 
 
+def _one_case_per_optimizer_and_mode():
+    seen, out = set(), []
+    for case in cases():
+        key = (case["optimizer"], case["acceleration_mode"])
+        if key not in seen:
+            seen.add(key)
+            out.append(pytest.param(case, id=f"{case['optimizer']}-{case['acceleration_mode']}"))
+    return out
+
+
+def _kernel_expressible(name):
+    # LAMB's trust ratio (on with its default weight decay) needs per-tensor norms: the graph path
+    return name != "lamb_win"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", hf_win.available_optimizers())
+def test_cpu_kernel_matches_foreach_float32(name, mode, kernel_cache, monkeypatch):
+    monkeypatch.setattr(_fused, "BACKEND", "eager")  # for LAMB, which takes the graph path
+    monkeypatch.setattr(_fused, "BUCKET", 2)
+    before = _fused.compile_counter()
+    two = name in ("adamw_win", "sgd_win")  # two groups with different weight decay: two kernels
+    fused, opt = _train(name, mode, fused=True, two_groups=two)
+    after = _fused.compile_counter()
+    if _kernel_expressible(name):
+        # 3 steps after the first (eager) one, one call per group and step, whatever the tensor count
+        assert after["kernel_calls"] - before["kernel_calls"] == 3 * (2 if two else 1)
+        assert after["calls"] == before["calls"], "the torch.compile path was taken"
+    else:
+        assert after["kernel_calls"] == before["kernel_calls"] and after["calls"] > before["calls"]
+    reference, ref_opt = _train(name, mode, foreach=True, two_groups=two)
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+    for p_state, r_state in zip(opt.state.values(), ref_opt.state.values()):
+        assert set(p_state) == set(r_state)
+        for key in p_state:
+            if isinstance(p_state[key], torch.Tensor) and p_state[key].dim() > 0:
+                torch.testing.assert_close(p_state[key], r_state[key], rtol=2e-6, atol=2e-6)
+
+
+def test_cpu_kernel_lamb_without_trust_ratio_uses_the_kernel(kernel_cache):
+    """LAMB with weight_decay=0 and always_adapt=False is elementwise: the kernel takes it."""
+    before = _fused.compile_counter()
+    fused, _ = _train("lamb_win", "win2", fused=True, weight_decay=0.0)
+    assert _fused.compile_counter()["kernel_calls"] - before["kernel_calls"] == 3
+    reference, _ = _train("lamb_win", "win2", foreach=True, weight_decay=0.0)
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", _one_case_per_optimizer_and_mode())
+def test_cpu_kernel_replays_golden_float64(case, kernel_cache, monkeypatch):
+    """float64 through the generated kernel (scalars computed in double from step and lr) matches the
+    reference trajectories to 1e-9."""
+    monkeypatch.setattr(_fused, "BACKEND", "eager")
+    calls = _fused.compile_counter()["kernel_calls"] + _fused.compile_counter()["calls"]
+    for k, params, expected in replay(case, fused=True):
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach().reshape(-1), e.reshape(-1), rtol=1e-9, atol=1e-9,
+                                       msg=lambda m: f"step {k}: {m}")
+    if len(case["lr_per_step"]) > 1:
+        assert _fused.compile_counter()["kernel_calls"] + _fused.compile_counter()["calls"] > calls
+
+
+def test_cpu_kernel_builds_once_over_100_steps_of_cosine_with_warmup(kernel_cache):
+    from transformers import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    opt = hf_win.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=10, num_training_steps=100)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    before = _fused.compile_counter()
+    lrs = set()
+    for _ in range(100):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # p.grad untouched
+        lrs.add(opt.param_groups[0]["lr"])
+        sched.step()
+    after = _fused.compile_counter()
+    assert len(lrs) > 50  # the learning rate really changed (from 0: linear warmup)
+    assert after["kernel_builds"] - before["kernel_builds"] == 1
+    assert after["kernel_calls"] - before["kernel_calls"] == 99  # step 1 eager; then one call per step
+    assert after["compiles"] == before["compiles"] and after["calls"] == before["calls"]
+    # a later process (here: the in-process cache forgotten) loads the library instead of compiling it
+    _ckernel.reset()
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    assert _fused.compile_counter()["kernel_loads"] == 1 and _fused.compile_counter()["kernel_builds"] == 0
+
+
+def test_cpu_kernel_threads_give_the_same_result(kernel_cache):
+    """Two threads split each large tensor in two slices: bitwise the same as one thread."""
+    shapes = [(300, 200), (70001,), (1,), (3, 2, 2), (40000,)]
+    out = {}
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+            opt = hf_win.AdamW(params, weight_decay=0.03, acceleration_mode="win2", fused=True)
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                opt.step()
+            out[threads] = [p.detach().clone() for p in params]
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(out[1], out[2]):
+        assert torch.equal(a, b)
+
+
+def test_cpu_kernel_without_a_compiler_falls_back_to_the_graph(kernel_cache, monkeypatch):
+    monkeypatch.setattr(_fused, "BACKEND", "eager")
+    monkeypatch.setattr(_ckernel, "_compiler", lambda: None)
+    monkeypatch.setattr(_fused, "_WARNED", set())
+    before = _fused.compile_counter()
+    with pytest.warns(RuntimeWarning, match="CPU kernel could not be built"):
+        fused, _ = _train("adamw_win", "win", fused=True)
+    assert _fused.compile_counter()["calls"] > before["calls"]
+    reference, _ = _train("adamw_win", "win", foreach=True)
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+def test_cpu_kernel_source_is_generated_from_the_optimizer_code():
+    """The generated loop is the foreach path's sequence of operations: e.g. AdamW-Win2 loads 6 arrays,
+    stores 5 (the gradient is read only), and the step count and lr are its only run-time scalars."""
+    group = {k: v for k, v in hf_win.AdamW([torch.nn.Parameter(torch.zeros(2))], acceleration_mode="win2")
+             .param_groups[0].items() if k not in ("params", "lr", "step")}
+    src = _ckernel.trace(_fused._impl(hf_win.AdamW), group, ("exp_avg", "exp_avg_sq", "x", "y"), torch.float32)
+    assert src.count("= a") == 6 and src.count("a1[i] =") == 0 and src.count("[i] = v") == 5
+    assert "sqrtf(" in src and "sc[0]" in src and "sc[1]" in src and "sc[2]" not in src
+    with pytest.raises(_ckernel.Unsupported, match="norm"):
+        lamb = hf_win.LAMB([torch.nn.Parameter(torch.zeros(2))])
+        g = {k: v for k, v in lamb.param_groups[0].items() if k not in ("params", "lr", "step")}
+        _ckernel.trace(_fused._impl(hf_win.LAMB), g, ("exp_avg", "exp_avg_sq", "x"), torch.float32)
+    with pytest.raises(_ckernel.Unsupported, match="dtype"):
+        _ckernel.trace(_fused._impl(hf_win.AdamW), group, ("exp_avg", "exp_avg_sq", "x", "y"), torch.bfloat16)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", hf_win.available_optimizers())
 def test_fused_matches_foreach_float32(name, mode, eager_backend):
@@ -67,16 +227,6 @@ def test_fused_matches_foreach_float32(name, mode, eager_backend):
     ref_state = _train(name, mode, foreach=True, two_groups=two)[1].state
     for p_state, r_state in zip(opt.state.values(), ref_state.values()):
         assert set(p_state) == set(r_state)
-
-
-def _one_case_per_optimizer_and_mode():
-    seen, out = set(), []
-    for case in cases():
-        key = (case["optimizer"], case["acceleration_mode"])
-        if key not in seen:
-            seen.add(key)
-            out.append(pytest.param(case, id=f"{case['optimizer']}-{case['acceleration_mode']}"))
-    return out
 
 
 @pytest.mark.parametrize("case", _one_case_per_optimizer_and_mode())
@@ -116,6 +266,7 @@ def test_no_recompilation_over_100_steps_of_cosine_with_warmup(eager_backend):
 
 def test_inductor_fused_matches_foreach(monkeypatch):
     """One real compile: the generated kernels give foreach's results within float32 tolerance."""
+    monkeypatch.setattr(_fused, "CPU_KERNEL", False)
     monkeypatch.setattr(_fused, "BACKEND", "inductor")
     monkeypatch.setattr(_fused, "BUCKET", 2)
     direct = _fused.compile_counter()["direct_calls"]
@@ -167,6 +318,7 @@ def test_step_time_quick_writes_well_formed_outputs(tmp_path, eager_backend):
     assert float(baseline[0]["ratio_to_torch_fused_adamw"]) == 1.0
     ours = {r["path"]: r for r in table if r["optimizer"] == "adamw_win"}
     assert float(ours["fused"]["compile_s"]) > 0
+    assert ours["fused"]["runs"] == "kernel" and ours["foreach"]["runs"] == "eager"  # what really ran
     assert float(ours["foreach"]["state_bytes_per_param_byte"]) == 3.0  # exp_avg, exp_avg_sq, x
     md = md_file.read_text()
     assert "| torch |" in md and "| cpu_cores |" in md and "x fused AdamW" in md

@@ -281,12 +281,16 @@ def test_x_and_y_start_as_copies_of_the_parameter():
 @pytest.mark.parametrize("name", NAMES)
 def test_foreach_and_per_tensor_paths_agree_in_float32(name, mode):
     results = []
-    for foreach in (False, True, None):
+    for foreach in (False, True):
         params, _ = run(name, mode, steps=5, opt_kwargs=dict(foreach=foreach, max_grad_norm=1.0))
         results.append([p.detach() for p in params])
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the default (foreach=None, fused=None) is the generated CPU kernel where it applies (test_fused.py):
+    # the same operations in the same order, so within float32 rounding of the foreach path
+    params, _ = run(name, mode, steps=5, opt_kwargs=dict(max_grad_norm=1.0))
+    for a, b in zip([p.detach() for p in params], results[1]):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
 
 # --------------------------------------------------------------------------- schedulers

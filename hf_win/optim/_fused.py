@@ -34,15 +34,17 @@ compiled so far (tests assert that a cosine schedule compiles once).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import types
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
+from . import _ckernel
 from ._ops import _ForeachOps
 from ._win import extra_state_keys
 
@@ -61,6 +63,10 @@ _COUNTS = {"compiles": 0, "calls": 0, "direct_calls": 0}
 DIRECT = os.environ.get("HF_WIN_FUSED_DIRECT", "1") != "0"
 _DIRECT: Dict[tuple, object] = {}  # (id(compiled fn), dtype, device) -> direct caller, or None
 _CAPTURED: list = []  # (graph module, compiled callable) of the compile in progress
+#: CPU parameter groups use the generated C kernel (``_ckernel.py``) when it can express the step; set
+#: ``HF_WIN_FUSED_CPU_KERNEL=0`` to compile them with ``torch.compile`` like other devices.
+CPU_KERNEL = os.environ.get("HF_WIN_FUSED_CPU_KERNEL", "1") != "0"
+_IMPLS: Dict[type, object] = {}
 
 
 class _FusedOps(_ForeachOps):
@@ -132,7 +138,7 @@ def _compiled(cls, mode: str, hyper: dict):
                 stacklevel=4,
             )
         return None
-    impl = _stateless(cls)
+    impl = _impl(cls)
 
     def fused_step(hyper, params, grads, states, step, lr):
         ops = _FusedOps()
@@ -174,15 +180,20 @@ def _counting(backend):
 
 def compile_counter() -> Dict[str, int]:
     """Graphs compiled and compiled calls made so far by the fused path (all optimizers); ``direct_calls``:
-    those of the calls that skipped ``torch.compile``'s guarded entry point (see ``_direct_call``)."""
-    return dict(_COUNTS)
+    those of the calls that skipped ``torch.compile``'s guarded entry point (see ``_direct_call``);
+    ``kernel_builds`` / ``kernel_loads`` / ``kernel_calls``: the generated CPU kernels compiled, found in
+    the cache, and called."""
+    out = dict(_COUNTS)
+    out.update({f"kernel_{k}": v for k, v in _ckernel.counters().items()})
+    return out
 
 
 def reset() -> None:
-    """Forget the compiled graphs (they are compiled again on next use) and zero the counters."""
+    """Forget the compiled graphs and kernels (built again on next use) and zero the counters."""
     _COMPILED.clear()
     _DIRECT.clear()
     _COUNTS.update(compiles=0, calls=0, direct_calls=0)
+    _ckernel.reset()
     torch._dynamo.reset()
 
 
@@ -246,7 +257,9 @@ _SCRATCH = _Scratch()
 
 
 def fusable(p: Tensor) -> bool:
-    return p.layout == torch.strided and p.is_contiguous() and p.numel() >= _SCRATCH_NUMEL
+    # plain tensors only: a subclass (FSDP2's DTensor) has no single storage to step in place
+    return (type(p) in (Tensor, torch.nn.Parameter) and p.layout == torch.strided and p.is_contiguous()
+            and p.numel() >= _SCRATCH_NUMEL)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -267,6 +280,8 @@ class _Plan:
             fusable(p) and all(t.is_contiguous() for t in src) for p, src in zip(params, self.sources)
         ]
         self.kind = [(p.dtype, p.device) for p in params]
+        self.numel = [p.numel() for p in params]
+        self.all_cpu = all(p.device.type == "cpu" for p in params)
         self.flat_p = [_flat(p) if ok else None for p, ok in zip(params, self.eligible)]
         self.flat_s = [
             {k: _flat(t) for k, t in zip(keys, src)} if ok else None for src, ok in zip(self.sources, self.eligible)
@@ -285,11 +300,63 @@ class _Plan:
         return True
 
 
-def fused_apply(opt, group, params, grads, states, steps) -> List[int]:
-    """Step the fusable parameters of ``group`` with the compiled graph; return the indices left over.
+def _impl(cls):
+    impl = _IMPLS.get(cls)
+    if impl is None:
+        impl = _IMPLS[cls] = _stateless(cls)
+    return impl
+
+
+def kernel_available(group) -> bool:
+    """Whether ``fused=None`` (the default) takes the CPU kernel for this group: on CPU, with neither
+    ``fused`` nor ``foreach`` set, and ``HF_WIN_FUSED_CPU_KERNEL`` not 0."""
+    return CPU_KERNEL and group.get("fused") is None and group.get("foreach") is None
+
+
+def _kernel_apply(opt, group, plan, params, grads, states, steps, keys, hyper, lr_value, auto=False) -> Optional[List[int]]:
+    """The CPU path: every eligible tensor of the group in one call of the generated C kernel (see
+    ``_ckernel.py``). Returns the indices left over, or None when the kernel cannot serve this group
+    (an operation it cannot express, no C compiler): the caller then uses the compiled graph."""
+    rest: List[int] = []
+    calls: Dict[tuple, List[int]] = {}
+    for i, (ok, kind, g, t) in enumerate(zip(plan.eligible, plan.kind, grads, steps)):
+        if ok and t != 1 and kind[0] in _ckernel.DTYPES and g.dtype == kind[0] and type(g) is Tensor \
+                and g.is_contiguous():
+            calls.setdefault((t, kind[0]), []).append(i)
+        else:
+            rest.append(i)
+    for (t, dtype), idx in calls.items():
+        try:
+            kernel = _ckernel.kernel_for(type(opt), _impl(type(opt)), hyper, keys, dtype)
+        except _ckernel.Unsupported:
+            return None
+        except (RuntimeError, OSError) as e:
+            if auto:  # the default path: foreach, quietly (fused=None promises nothing)
+                return None
+            if "ckernel" not in _WARNED:
+                _WARNED.add("ckernel")
+                warnings.warn(f"fused=True: the CPU kernel could not be built ({e}); using torch.compile instead",
+                              RuntimeWarning, stacklevel=4)
+            return None
+        ptrs = []
+        for i in idx:
+            st = states[i]
+            ptrs.append(params[i].data_ptr())
+            ptrs.append(grads[i].data_ptr())
+            ptrs.extend(st[k].data_ptr() for k in keys)
+        numels = (ctypes.c_int64 * len(idx))(*[plan.numel[i] for i in idx])
+        _ckernel.call(kernel, (ctypes.c_void_p * len(ptrs))(*ptrs), numels, t, lr_value)
+    return rest
+
+
+def fused_apply(opt, group, params, grads, states, steps, auto: bool = False) -> List[int]:
+    """Step the fusable parameters of ``group`` with the generated CPU kernel or the compiled graph;
+    return the indices left over.
 
     ``params``/``grads``/``states``/``steps`` are as given to ``WinOptimizer._apply``. The caller runs
-    the left-over indices (first steps, non-contiguous or tiny tensors) on the foreach path."""
+    the left-over indices (first steps, non-contiguous or tiny tensors) on the foreach path. ``auto``
+    (``fused=None``): only the CPU kernel, never a ``torch.compile``; everything left over when the
+    kernel cannot serve the group."""
     mode = group["acceleration_mode"]
     keys = tuple(opt._state_keys(group)) + tuple(extra_state_keys(mode))
     plans = opt.__dict__.setdefault("_fused_plans", {})
@@ -299,6 +366,13 @@ def fused_apply(opt, group, params, grads, states, steps) -> List[int]:
         plan.keys = keys
     hyper = {k: v for k, v in group.items() if k not in ("params", "lr", "step")}
     lr_value = float(group["lr"])
+
+    if CPU_KERNEL and plan.all_cpu:
+        rest = _kernel_apply(opt, group, plan, params, grads, states, steps, keys, hyper, lr_value, auto)
+        if rest is not None:
+            return rest
+    if auto:
+        return list(range(len(params)))
 
     rest: List[int] = []
     buckets: Dict[tuple, List[int]] = {}
@@ -332,7 +406,7 @@ def fused_apply(opt, group, params, grads, states, steps) -> List[int]:
                 if pad:
                     sp, sg, ss = _SCRATCH.get(bp[0], pad, keys)
                     bp, bg, bs = bp + sp, bg + sg, bs + ss
-                dkey = (id(fn), dtype, device)
+                dkey = (id(fn), dtype, device, len(bp))  # (tests change BUCKET)
                 direct = _DIRECT.get(dkey)
                 if direct is not None:
                     direct(hyper, bp, bg, bs, step, lr)

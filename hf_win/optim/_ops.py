@@ -28,8 +28,9 @@ Scalar = Union[float, Sequence[float], Sequence[Tensor], Tensor]
 
 
 def scalar_sqrt(x):
-    """Square root of a step scalar: a Python number (eager paths) or a 0-dim tensor (fused path)."""
-    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+    """Square root of a step scalar: a Python number (eager paths), a 0-dim tensor (compiled path) or a
+    symbolic scalar (the generated CPU kernel, ``_ckernel.SymScalar``)."""
+    return math.sqrt(x) if isinstance(x, (int, float)) else x.sqrt()
 
 
 def _per_item(scalar, n):
