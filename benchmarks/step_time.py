@@ -263,7 +263,8 @@ def main(argv=None):
     md += [f"| {k} | {v} |" for k, v in info.items()]
     md += ["", f"Median of {args.repeats} interleaved rounds after warm-up; ratio = median / median of "
            "`torch.optim.AdamW(fused=True)` in the same group. runs = what the step executed (kernel: the "
-           "generated CPU kernel; graph: the torch.compile graph). compile = the first fused step (s): the "
+           "generated CPU kernel; graph: the torch.compile graph; eager: the foreach operations; torch: "
+           "torch.optim). compile = the first fused step (s): the "
            "kernel's build or the graph's compile, or their load from the cache. "
            "transient = peak memory allocated during one step beyond the persistent state, in units of the "
            "parameters' size.", "",

@@ -1,4 +1,9 @@
-"""The ``fused=True`` path: the same step, compiled by ``torch.compile`` into a few fused kernels.
+"""The fused path: the same step as foreach, as one fused loop per tensor.
+
+On CPU, ``fused_apply`` runs the C kernel generated from the optimizer's code (``_ckernel.py``: one call
+per param group and step; also the default path there). This module's ``torch.compile`` graph serves
+``fused=True`` on other devices and on CPU for what that kernel cannot express (LAMB's trust ratio), or
+when no C kernel can be built. The rest of this docstring is about the graph.
 
 Nothing here restates the math. The compiled function calls the optimizer's own ``_apply`` (its
 ``_direction`` and ``_win.accelerate`` / ``_win.vanilla_step``) over the ``FOREACH`` operations; the

@@ -42,9 +42,12 @@ class AdamW(WinOptimizer):
             Under the Hugging Face Trainer leave it at 0 and use ``--max_grad_norm``.
         acceleration_mode: ``"win"`` (default), ``"win2"`` or ``"none"``.
         foreach: multi-tensor (True), per-tensor (False) or automatic (None).
-        fused: the step compiled by ``torch.compile`` into fused kernels (True); None and False use
-            ``foreach``. Compiles at the second step (tens of seconds on CPU, cached on disk by PyTorch).
-            See ``hf_win/optim/_fused.py``.
+        fused: one fused loop per step (True): on CPU a C kernel generated from this code
+            (``hf_win/optim/_ckernel.py``, built by the C compiler in well under a second and cached on
+            disk), elsewhere (and for what that kernel cannot express) ``torch.compile``
+            (``hf_win/optim/_fused.py``: seconds to compile). None (default): that CPU kernel when
+            ``foreach`` is None too and it can be built, else ``foreach``; never ``torch.compile``.
+            False: ``foreach``.
     """
 
     _integrated_decay = True
