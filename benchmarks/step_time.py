@@ -238,7 +238,7 @@ def main(argv=None):
                 "median_ms": round(med[c.label] * 1e3, 3),
                 "min_ms": round(min(c.times) * 1e3, 3),
                 "ratio_to_torch_fused_adamw": round(med[c.label] / base, 3),
-                "compile_s": "" if c.compile_s != c.compile_s else round(c.compile_s, 2),
+                "compile_s": "" if c.compile_s != c.compile_s else round(c.compile_s, 3),
                 "state_bytes_per_param_byte": round(state_bytes(c.opt) / param_bytes, 2),
                 "transient_param_sizes": round(c.transient / param_bytes, 3),
             })

@@ -298,7 +298,7 @@ def test_optim_args_fused_reaches_the_optimizer(tmp_path):
     assert opt.param_groups[0]["fused"] is True
 
 
-def test_step_time_quick_writes_well_formed_outputs(tmp_path, eager_backend):
+def test_step_time_quick_writes_well_formed_outputs(tmp_path, kernel_cache):
     import importlib.util
     from pathlib import Path
 
@@ -317,7 +317,7 @@ def test_step_time_quick_writes_well_formed_outputs(tmp_path, eager_backend):
     baseline = [r for r in table if r["optimizer"] == "torch.optim.AdamW" and r["path"] == "fused"]
     assert float(baseline[0]["ratio_to_torch_fused_adamw"]) == 1.0
     ours = {r["path"]: r for r in table if r["optimizer"] == "adamw_win"}
-    assert float(ours["fused"]["compile_s"]) > 0
+    assert float(ours["fused"]["compile_s"]) > 0  # the kernel built (a fresh cache)
     assert ours["fused"]["runs"] == "kernel" and ours["foreach"]["runs"] == "eager"  # what really ran
     assert float(ours["foreach"]["state_bytes_per_param_byte"]) == 3.0  # exp_avg, exp_avg_sq, x
     md = md_file.read_text()
