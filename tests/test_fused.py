@@ -196,6 +196,34 @@ def test_cpu_kernel_without_a_compiler_falls_back_to_the_graph(kernel_cache, mon
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
 
+def test_default_path_without_a_compiler_is_foreach_quietly(kernel_cache, monkeypatch):
+    """fused=None never compiles a graph: without a kernel it is exactly the foreach path, no warning,
+    and the failed build is not retried at every step."""
+    import warnings
+
+    attempts = []
+    monkeypatch.setattr(_ckernel, "_compiler", lambda: attempts.append(1))  # returns None: no compiler
+    before = _fused.compile_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default, _ = _train("adamw_win", "win2", steps=5)
+    after = _fused.compile_counter()
+    assert after["calls"] == before["calls"] and after["kernel_calls"] == before["kernel_calls"]
+    assert len(attempts) == 1
+    reference, _ = _train("adamw_win", "win2", steps=5, foreach=True)
+    for a, b in zip(default, reference):
+        assert torch.equal(a, b)
+
+
+def test_default_path_on_cpu_is_the_kernel_and_explicit_flags_are_honoured(kernel_cache):
+    before = _fused.compile_counter()["kernel_calls"]
+    _train("adamw_win", "win", steps=3)
+    assert _fused.compile_counter()["kernel_calls"] == before + 2  # default: the kernel (after step 1)
+    for flags in (dict(foreach=True), dict(foreach=False), dict(fused=False)):
+        _train("adamw_win", "win", steps=3, **flags)
+        assert _fused.compile_counter()["kernel_calls"] == before + 2, flags
+
+
 def test_cpu_kernel_source_is_generated_from_the_optimizer_code():
     """The generated loop is the foreach path's sequence of operations: e.g. AdamW-Win2 loads 6 arrays,
     stores 5 (the gradient is read only), and the step count and lr are its only run-time scalars."""

@@ -406,7 +406,8 @@ def build(source: str) -> _Kernel:
 def kernel_for(cls, impl, hyper: dict, state_keys: tuple, dtype: torch.dtype):
     """The loaded kernel for this optimizer class, constants and dtype (cached in the process).
 
-    Raises ``Unsupported`` when the step cannot be expressed, ``RuntimeError`` when it cannot be built."""
+    Raises ``Unsupported`` when the step cannot be expressed, ``RuntimeError`` or ``OSError`` when it
+    cannot be built or loaded."""
     key = (cls, tuple(sorted((k, repr(v)) for k, v in hyper.items())), state_keys, dtype)
     k = _KERNELS.get(key)
     if isinstance(k, Exception):
@@ -415,7 +416,7 @@ def kernel_for(cls, impl, hyper: dict, state_keys: tuple, dtype: torch.dtype):
         with _LOCK:
             try:
                 k = build(trace(impl, hyper, state_keys, dtype))
-            except (Unsupported, RuntimeError) as e:
+            except (Unsupported, RuntimeError, OSError) as e:  # remembered: not retried every step
                 _KERNELS[key] = e
                 raise
             _KERNELS[key] = k

@@ -282,7 +282,9 @@ class _Plan:
         self.param_ids = [id(p) for p in params]
         self.sources = [[st[k] for k in keys] for st in states]
         self.eligible = [
-            fusable(p) and all(t.is_contiguous() for t in src) for p, src in zip(params, self.sources)
+            fusable(p) and all(fusable(t) and t.dtype == p.dtype and t.shape == p.shape and t.device == p.device
+                               for t in src)
+            for p, src in zip(params, self.sources)
         ]
         self.kind = [(p.dtype, p.device) for p in params]
         self.numel = [p.numel() for p in params]
@@ -326,7 +328,7 @@ def _kernel_apply(opt, group, plan, params, grads, states, steps, keys, hyper, l
     calls: Dict[tuple, List[int]] = {}
     for i, (ok, kind, g, t) in enumerate(zip(plan.eligible, plan.kind, grads, steps)):
         if ok and t != 1 and kind[0] in _ckernel.DTYPES and g.dtype == kind[0] and type(g) is Tensor \
-                and g.is_contiguous():
+                and g.is_contiguous() and g.numel() == plan.numel[i]:
             calls.setdefault((t, kind[0]), []).append(i)
         else:
             rest.append(i)
