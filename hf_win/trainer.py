@@ -126,10 +126,11 @@ class WinTrainer(CheckpointNamesMixin, Trainer):
             "reckless_steps": tuple(defaults["reckless_steps"]),
             "state_buffers_per_parameter": n,
             "state_bytes": nbytes,
+            "step_path": inner.step_path(),
         }
         logger.info(
             "hf_win optimizer: %s (%s), acceleration_mode=%s, reckless_steps=%s, optimizer state: %d "
-            "buffers per parameter = %s for %d parameters",
+            "buffers per parameter = %s for %d parameters, step: %s",
             name, type(inner).__name__, defaults["acceleration_mode"], tuple(defaults["reckless_steps"]), n,
-            _fmt_bytes(nbytes), sum(p.numel() for p in params),
+            _fmt_bytes(nbytes), sum(p.numel() for p in params), self.win_optimizer_summary["step_path"],
         )

@@ -219,9 +219,11 @@ def test_default_path_on_cpu_is_the_kernel_and_explicit_flags_are_honoured(kerne
     before = _fused.compile_counter()["kernel_calls"]
     _train("adamw_win", "win", steps=3)
     assert _fused.compile_counter()["kernel_calls"] == before + 2  # default: the kernel (after step 1)
-    for flags in (dict(foreach=True), dict(foreach=False), dict(fused=False)):
-        _train("adamw_win", "win", steps=3, **flags)
+    for flags, path in ((dict(foreach=True), "foreach"), (dict(foreach=False), "per-tensor"),
+                        (dict(fused=False), "foreach")):
+        _, opt = _train("adamw_win", "win", steps=3, **flags)
         assert _fused.compile_counter()["kernel_calls"] == before + 2, flags
+        assert opt.step_path() == path  # what the Trainer logs
 
 
 def test_cpu_kernel_source_is_generated_from_the_optimizer_code():

@@ -192,6 +192,25 @@ class WinOptimizer(torch.optim.Optimizer):
         # foreach otherwise: never a torch.compile, which costs seconds to minutes at every start.
         return bool(group.get("fused")) or (kernel_available(group) and all(p.device.type == "cpu" for p in params))
 
+    def step_path(self) -> str:
+        """The path the steps take, in words (the Trainer logs it): per group, as ``_step_group`` decides."""
+        from . import _fused
+
+        paths = []
+        for group in self.param_groups:
+            params = group["params"]
+            cpu = bool(params) and all(p.device.type == "cpu" for p in params)
+            if group.get("fused") is None and cpu and kernel_available(group):
+                path = "fused CPU kernel where it applies, else foreach"
+            elif group.get("fused"):
+                path = ("fused: CPU kernel where it applies, else torch.compile" if cpu and _fused.CPU_KERNEL
+                        else "fused: torch.compile")
+            else:
+                path = "foreach" if self._use_foreach(group, params) else "per-tensor"
+            if path not in paths:
+                paths.append(path)
+        return " / ".join(paths)
+
     def _use_foreach(self, group, params) -> bool:
         flag = group.get("foreach")
         if flag is not None:
