@@ -130,7 +130,9 @@ def test_cpu_kernel_replays_golden_float64(case, kernel_cache, monkeypatch):
         assert _fused.compile_counter()["kernel_calls"] + _fused.compile_counter()["calls"] > calls
 
 
-def test_cpu_kernel_builds_once_over_100_steps_of_cosine_with_warmup(kernel_cache):
+def _cosine_100_steps():
+    """100 fused steps of a small MLP under a cosine schedule with warmup (lr from 0): returns the
+    counters before and after, and a function making one more step. Checks p.grad is never written."""
     from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(0)
@@ -138,26 +140,32 @@ def test_cpu_kernel_builds_once_over_100_steps_of_cosine_with_warmup(kernel_cach
     opt = hf_win.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=10, num_training_steps=100)
     x, y = torch.randn(32, 8), torch.randn(32, 4)
-    before = _fused.compile_counter()
-    lrs = set()
-    for _ in range(100):
+
+    def one_step():
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         grads = [p.grad.clone() for p in model.parameters()]
         opt.step()
         assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # p.grad untouched
+
+    before = _fused.compile_counter()
+    lrs = set()
+    for _ in range(100):
+        one_step()
         lrs.add(opt.param_groups[0]["lr"])
         sched.step()
-    after = _fused.compile_counter()
     assert len(lrs) > 50  # the learning rate really changed (from 0: linear warmup)
+    return before, _fused.compile_counter(), one_step
+
+
+def test_cpu_kernel_builds_once_over_100_steps_of_cosine_with_warmup(kernel_cache):
+    before, after, one_step = _cosine_100_steps()
     assert after["kernel_builds"] - before["kernel_builds"] == 1
     assert after["kernel_calls"] - before["kernel_calls"] == 99  # step 1 eager; then one call per step
     assert after["compiles"] == before["compiles"] and after["calls"] == before["calls"]
     # a later process (here: the in-process cache forgotten) loads the library instead of compiling it
     _ckernel.reset()
-    opt.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
+    one_step()
     assert _fused.compile_counter()["kernel_loads"] == 1 and _fused.compile_counter()["kernel_builds"] == 0
 
 
@@ -213,6 +221,34 @@ def test_default_path_without_a_compiler_is_foreach_quietly(kernel_cache, monkey
     reference, _ = _train("adamw_win", "win2", steps=5, foreach=True)
     for a, b in zip(default, reference):
         assert torch.equal(a, b)
+
+
+def test_a_group_is_never_half_stepped_by_the_kernel(kernel_cache, monkeypatch):
+    """float32 and float64 parameters in one group need two kernels: when one cannot be built, no tensor
+    of the group is stepped by the other before the group falls back (it would be stepped twice)."""
+    real_build = _ckernel.build
+
+    def build(source):
+        if "(double)" in source:
+            raise RuntimeError("no double kernel in this test")
+        return real_build(source)
+
+    monkeypatch.setattr(_ckernel, "build", build)
+
+    def run(**flags):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]
+        opt = hf_win.AdamW(params, weight_decay=0.03, **flags)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return params
+
+    before = _fused.compile_counter()["kernel_calls"]
+    for a, b in zip(run(), run(foreach=True)):
+        assert torch.equal(a, b)
+    assert _fused.compile_counter()["kernel_calls"] == before
 
 
 def test_default_path_on_cpu_is_the_kernel_and_explicit_flags_are_honoured(kernel_cache):
@@ -272,23 +308,7 @@ def test_fused_replays_golden_float64(case, eager_backend):
 
 
 def test_no_recompilation_over_100_steps_of_cosine_with_warmup(eager_backend):
-    from transformers import get_cosine_schedule_with_warmup
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
-    opt = hf_win.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
-    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=10, num_training_steps=100)
-    x, y = torch.randn(32, 8), torch.randn(32, 4)
-    before = _fused.compile_counter()
-    lrs = set()
-    for _ in range(100):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        lrs.add(opt.param_groups[0]["lr"])
-        sched.step()
-    after = _fused.compile_counter()
-    assert len(lrs) > 50  # the learning rate really changed (from 0: linear warmup)
+    before, after, _ = _cosine_100_steps()
     assert after["compiles"] - before["compiles"] <= 1  # at most the first compile (0 if cached here)
     assert after["calls"] - before["calls"] == 99 * 2  # step 1 eager; 4 tensors in buckets of 2
     assert after["direct_calls"] - before["direct_calls"] >= 98 * 2  # all but the first compiled step

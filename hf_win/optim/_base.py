@@ -186,11 +186,16 @@ class WinOptimizer(torch.optim.Optimizer):
         return torch.clamp(max_norm / (total + eps), max=1.0)
 
     # ------------------------------------------------------------------ the step
-    def _use_fused(self, group, params) -> bool:
-        # True: the CPU kernel, else torch.compile. None (with foreach None): the CPU kernel where it
-        # applies (built in ~0.3 s, ~6x faster than foreach on a ViT; the README's performance section),
-        # foreach otherwise: never a torch.compile, which costs seconds to minutes at every start.
-        return bool(group.get("fused")) or (kernel_available(group) and all(p.device.type == "cpu" for p in params))
+    def _fused_choice(self, group, params) -> Optional[str]:
+        """``"fused"`` (``fused=True``: the CPU kernel, else torch.compile), ``"kernel"`` (``fused=None``
+        with ``foreach=None`` on CPU: the CPU kernel where it can be built, else foreach; never a
+        torch.compile, which costs seconds to minutes at every start; the README's performance section
+        has the measurements behind this default), or None (foreach / per-tensor)."""
+        if group.get("fused"):
+            return "fused"
+        if kernel_available(group) and params and all(p.device.type == "cpu" for p in params):
+            return "kernel"
+        return None
 
     def step_path(self) -> str:
         """The path the steps take, in words (the Trainer logs it): per group, as ``_step_group`` decides."""
@@ -199,10 +204,11 @@ class WinOptimizer(torch.optim.Optimizer):
         paths = []
         for group in self.param_groups:
             params = group["params"]
-            cpu = bool(params) and all(p.device.type == "cpu" for p in params)
-            if group.get("fused") is None and cpu and kernel_available(group):
+            choice = self._fused_choice(group, params)
+            if choice == "kernel":
                 path = "fused CPU kernel where it applies, else foreach"
-            elif group.get("fused"):
+            elif choice == "fused":
+                cpu = bool(params) and all(p.device.type == "cpu" for p in params)
                 path = ("fused: CPU kernel where it applies, else torch.compile" if cpu and _fused.CPU_KERNEL
                         else "fused: torch.compile")
             else:
@@ -281,9 +287,9 @@ class WinOptimizer(torch.optim.Optimizer):
             states.append(state)
         steps = [group["step"]] * len(params) if group_step else [s["step"] for s in states]
 
-        if self._use_fused(group, params):
-            auto = group.get("fused") is None
-            rest = fused_apply(self, group, params, grads, states, steps, auto)  # kernel or compiled step
+        choice = self._fused_choice(group, params)
+        if choice:
+            rest = fused_apply(self, group, params, grads, states, steps, auto=choice == "kernel")
             if len(rest) == len(params):
                 pass
             elif not rest:

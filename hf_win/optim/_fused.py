@@ -66,7 +66,7 @@ MAX_VARIANTS = 8
 _COUNTS = {"compiles": 0, "calls": 0, "direct_calls": 0}
 #: Set to "0" to always call through ``torch.compile``'s guarded entry point (see ``_direct_call``).
 DIRECT = os.environ.get("HF_WIN_FUSED_DIRECT", "1") != "0"
-_DIRECT: Dict[tuple, object] = {}  # (id(compiled fn), dtype, device) -> direct caller, or None
+_DIRECT: Dict[tuple, object] = {}  # (id(compiled fn), dtype, device, bucket) -> direct caller, or None
 _CAPTURED: list = []  # (graph module, compiled callable) of the compile in progress
 #: CPU parameter groups use the generated C kernel (``_ckernel.py``) when it can express the step; set
 #: ``HF_WIN_FUSED_CPU_KERNEL=0`` to compile them with ``torch.compile`` like other devices.
@@ -332,9 +332,10 @@ def _kernel_apply(opt, group, plan, params, grads, states, steps, keys, hyper, l
             calls.setdefault((t, kind[0]), []).append(i)
         else:
             rest.append(i)
-    for (t, dtype), idx in calls.items():
+    kernels = {}
+    for dtype in {dtype for _, dtype in calls}:  # all of them before any step: never half a group
         try:
-            kernel = _ckernel.kernel_for(type(opt), _impl(type(opt)), hyper, keys, dtype)
+            kernels[dtype] = _ckernel.kernel_for(type(opt), _impl(type(opt)), hyper, keys, dtype)
         except _ckernel.Unsupported:
             return None
         except (RuntimeError, OSError) as e:
@@ -345,6 +346,8 @@ def _kernel_apply(opt, group, plan, params, grads, states, steps, keys, hyper, l
                 warnings.warn(f"fused=True: the CPU kernel could not be built ({e}); using torch.compile instead",
                               RuntimeWarning, stacklevel=4)
             return None
+    for (t, dtype), idx in calls.items():
+        kernel = kernels[dtype]
         ptrs = []
         for i in idx:
             st = states[i]
