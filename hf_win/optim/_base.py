@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import _fused
 from ._fused import fused_apply, kernel_available
 from ._ops import FOREACH, PER_TENSOR
 from ._sharding import CLIP_ADVICE, ShardingError, check_partitioned, foreign_params, inside_zero_redundancy_optimizer
@@ -199,8 +200,6 @@ class WinOptimizer(torch.optim.Optimizer):
 
     def step_path(self) -> str:
         """The path the steps take, in words (the Trainer logs it): per group, as ``_step_group`` decides."""
-        from . import _fused
-
         paths = []
         for group in self.param_groups:
             params = group["params"]
@@ -290,11 +289,9 @@ class WinOptimizer(torch.optim.Optimizer):
         choice = self._fused_choice(group, params)
         if choice:
             rest = fused_apply(self, group, params, grads, states, steps, auto=choice == "kernel")
-            if len(rest) == len(params):
-                pass
-            elif not rest:
+            if not rest:
                 return
-            else:  # first steps, non-contiguous or tiny tensors
+            if len(rest) < len(params):  # first steps, non-contiguous or tiny tensors: eagerly below
                 pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
                 params, grads, states, steps = pick(params), pick(grads), pick(states), pick(steps)
         if self._use_foreach(group, params):
