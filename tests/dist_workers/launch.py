@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hf_win._offline import use_offline_defaults
+
 WORKERS = Path(__file__).resolve().parent
 ROOT = WORKERS.parent.parent
 
@@ -37,8 +39,7 @@ def run(cmd: list, timeout: float, cwd=None) -> str:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(WORKERS)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    use_offline_defaults(env)
     proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
