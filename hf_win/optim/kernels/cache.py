@@ -221,8 +221,9 @@ def _make_dirs(path: str) -> None:
         os.chmod(d, 0o700)
 
 
-def _untrusted_reason(path: str) -> Optional[str]:
-    """Why ``path`` may not hold libraries we load, or None when only this user can change it."""
+def _untrusted_reason(path: str, parents: bool = True) -> Optional[str]:
+    """Why ``path`` may not hold libraries we load, or None when only this user can change it
+    (``parents=False``: the folder itself only)."""
     uid = os.geteuid()
     try:
         st = os.lstat(path)
@@ -236,7 +237,7 @@ def _untrusted_reason(path: str) -> Optional[str]:
         return f"it is owned by uid {st.st_uid}, not by this user (uid {uid})"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"it is writable by {_who(st.st_mode)} (mode {stat.S_IMODE(st.st_mode):04o})"
-    parent = os.path.dirname(os.path.realpath(path))
+    parent = os.path.dirname(os.path.realpath(path)) if parents else ""
     while parent and parent != os.path.dirname(parent):  # up to, not including, "/"
         try:
             pst = os.stat(parent)
@@ -257,7 +258,9 @@ def _who(mode: int) -> str:
 
 def _private_dir() -> str:
     global _PRIVATE
-    if _PRIVATE is None or _untrusted_reason(_PRIVATE) is not None:
+    # The folder itself is checked each time (a tmp cleaner may have removed it); not its parents: a
+    # $TMPDIR that fails that check would otherwise get a new folder on every call.
+    if _PRIVATE is None or _untrusted_reason(_PRIVATE, parents=False) is not None:
         _PRIVATE = tempfile.mkdtemp(prefix="hf_win_kernels_")  # 0700, ours, unpredictable name
         atexit.register(shutil.rmtree, _PRIVATE, True)
     return _PRIVATE
