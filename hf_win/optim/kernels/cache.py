@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import errno
 import hashlib
 import json
 import os
