@@ -28,8 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _fused
-from ._fused import fused_apply, kernel_available
+from . import _rounding, kernels
 from ._ops import FOREACH, PER_TENSOR
 from ._sharding import CLIP_ADVICE, ShardingError, check_partitioned, foreign_params, inside_zero_redundancy_optimizer
 from ._win import MODES, accelerate, extra_state_keys, vanilla_step
@@ -39,6 +38,44 @@ __all__ = ["WinOptimizer"]
 
 def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+#: ``state_dtype`` values: None (the parameter's dtype), float32, bfloat16 (names or torch dtypes).
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _as_dtype(value) -> torch.dtype:
+    if isinstance(value, str):
+        value = STATE_DTYPES.get(value.replace("torch.", ""), value)
+    if value not in STATE_DTYPES.values():
+        raise ValueError(f"state_dtype must be None, 'float32' or 'bfloat16' (or the torch dtypes), got {value!r}")
+    return value
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory without gaps or overlaps, in any dimension order."""
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 1)
+    return all(st >= 0 for st in t.stride()) and span == t.numel()
+
+
+def _kernel_eligible(ts) -> str:
+    """Why the tensors of one parameter (param, grad, state) cannot go to a kernel, or ''."""
+    p = ts[0]
+    if type(p) not in (Tensor, torch.nn.Parameter) or p.layout != torch.strided:
+        return f"{type(p).__name__} parameters (no single local storage) are not fused"
+    if p.numel() == 0:
+        return "empty parameters are not fused"
+    for t in ts:
+        if t.device != p.device or t.shape != p.shape:
+            return "a gradient or state tensor whose device or shape differs from its parameter's is not fused"
+        if t.stride() != p.stride() or not _dense(t):
+            return ("tensors whose parameter, gradient and state differ in memory layout (e.g. channels_last "
+                    "parameters with contiguous gradients) or have gaps are not fused")
+    return ""
 
 
 class WinOptimizer(torch.optim.Optimizer):
@@ -70,6 +107,7 @@ class WinOptimizer(torch.optim.Optimizer):
                 "with the norm of this process's share of the parameters only. " + CLIP_ADVICE
             )
         self._registered_ids = set()  # ids of the parameters given to us (see _sharding.foreign_params)
+        self._paths_taken = {}  # param group index -> the paths its last step took (step_path)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -132,6 +170,7 @@ class WinOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_paths_taken", {})
         if not hasattr(self, "_registered_ids"):  # unpickled; load_state_dict() keeps the live set, so
             # flattened partitions (DeepSpeed loads ZeRO checkpoints this way) stay recognised as such
             self._registered_ids = {id(p) for g in self.param_groups for p in g["params"]}
@@ -147,10 +186,10 @@ class WinOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _init_state(self, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
-        """Create the base optimizer's missing buffers (zeros by default)."""
+        """Create the base optimizer's missing buffers (zeros in the state dtype by default)."""
         for key in self._state_keys(group):
             if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[key] = self._new_state(p, group)
 
     def _direction(self, ops, group, params, grads, states, steps) -> list:
         raise NotImplementedError
@@ -187,34 +226,14 @@ class WinOptimizer(torch.optim.Optimizer):
         return torch.clamp(max_norm / (total + eps), max=1.0)
 
     # ------------------------------------------------------------------ the step
-    def _fused_choice(self, group, params) -> Optional[str]:
-        """``"fused"`` (``fused=True``: the CPU kernel, else torch.compile), ``"kernel"`` (``fused=None``
-        with ``foreach=None`` on CPU: the CPU kernel where it can be built, else foreach; never a
-        torch.compile, which costs seconds to minutes at every start; the README's performance section
-        has the measurements behind this default), or None (foreach / per-tensor)."""
+    def _wants_kernel(self, group) -> Optional[bool]:
+        """None: no kernel (``foreach`` or ``fused=False`` asked for an eager path); False: a kernel where
+        one applies (the default, ``fused=None`` with ``foreach=None``); True: ``fused=True``."""
         if group.get("fused"):
-            return "fused"
-        if kernel_available(group) and params and all(p.device.type == "cpu" for p in params):
-            return "kernel"
+            return True
+        if group.get("fused") is None and group.get("foreach") is None:
+            return False
         return None
-
-    def step_path(self) -> str:
-        """The path the steps take, in words (the Trainer logs it): per group, as ``_step_group`` decides."""
-        paths = []
-        for group in self.param_groups:
-            params = group["params"]
-            choice = self._fused_choice(group, params)
-            if choice == "kernel":
-                path = "fused CPU kernel where it applies, else foreach"
-            elif choice == "fused":
-                cpu = bool(params) and all(p.device.type == "cpu" for p in params)
-                path = ("fused: CPU kernel where it applies, else torch.compile" if cpu and _fused.CPU_KERNEL
-                        else "fused: torch.compile")
-            else:
-                path = "foreach" if self._use_foreach(group, params) else "per-tensor"
-            if path not in paths:
-                paths.append(path)
-        return " / ".join(paths)
 
     def _use_foreach(self, group, params) -> bool:
         flag = group.get("foreach")
@@ -225,6 +244,27 @@ class WinOptimizer(torch.optim.Optimizer):
             return False
         device = params[0].device
         return all(p.layout == torch.strided and p.device == device for p in params)
+
+    def _eager_path(self, group, params) -> str:
+        return "foreach" if self._use_foreach(group, params) else "per-tensor"
+
+    def step_path(self) -> str:
+        """The path each param group's steps took at the last step (before the first step: the path they
+        will take), with every fallback and its reason; the Trainer logs it."""
+        paths = []
+        for i, group in enumerate(self.param_groups):
+            taken = self._paths_taken.get(i)
+            if taken is None:
+                params = group["params"]
+                wants = self._wants_kernel(group)
+                taken = [self._eager_path(group, params)]
+                if wants is not None and params:
+                    backend, why = kernels.backend_for(params[0].device)
+                    taken = [f"{backend} kernel" if backend else f"{taken[0]} ({why})"]
+            for path in taken:
+                if path not in paths:
+                    paths.append(path)
+        return " / ".join(paths) if paths else "no parameters"
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -243,12 +283,44 @@ class WinOptimizer(torch.optim.Optimizer):
 
         partitioned = self._partitioned()
         clip = self._clip_coefficient()
-        for group in self.param_groups:
-            self._step_group(group, clip, partitioned)
+        first = 0
+        for i, group in enumerate(self.param_groups):
+            self._step_group(i, group, clip, partitioned, first)
+            first += len(group["params"])
         return loss
 
-    def _step_group(self, group: dict, clip: Optional[Tensor], partitioned: bool = False) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
+    # state
+    def _state_dtype(self, group, p: Tensor) -> torch.dtype:
+        """The dtype of ``p``'s state buffers: the group's ``state_dtype``, else the parameter's (complex
+        parameters keep complex state: it is stepped through its real view)."""
+        dtype = group.get("state_dtype")
+        return p.dtype if dtype is None or p.is_complex() else _as_dtype(dtype)
+
+    def _new_state(self, p: Tensor, group: dict, like: Optional[Tensor] = None) -> Tensor:
+        """A zero buffer for ``p`` in the state dtype (``like``: a copy of that tensor instead)."""
+        dtype = self._state_dtype(group, p)
+        if like is not None:
+            return like.detach().to(dtype=dtype, copy=True, memory_format=torch.preserve_format)
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _state_for(self, p: Tensor, grad: Tensor, group: dict, mode: str) -> dict:
+        state = self.state[p]
+        if any(k not in state for k in self._state_keys(group)):
+            self._init_state(p, grad, state, group)
+        for key in extra_state_keys(mode):
+            if key not in state:
+                state[key] = self._new_state(p, group, like=p)
+        return state
+
+    def _arrays(self, group) -> list:
+        """The kernel's arrays, in order: ``param``, ``grad``, then the state buffers."""
+        return ["param", "grad", *self._state_keys(group), *extra_state_keys(group["acceleration_mode"])]
+
+    def _step_group(self, index: int, group: dict, clip: Optional[Tensor], partitioned: bool = False,
+                    first_pid: int = 0) -> None:
+        present = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        params = [group["params"][i] for i in present]
+        pids = [first_pid + i for i in present]
         # Flattened partitions (DeepSpeed ZeRO) count steps per partition: ZeRO-3 calls step() once per
         # sub-group, which would advance a count kept in the group several times per real step.
         group_step = self._group_step and not partitioned
@@ -257,60 +329,141 @@ class WinOptimizer(torch.optim.Optimizer):
         if not params:
             return
         mode = group["acceleration_mode"]
-        wd = group["weight_decay"]
-
-        # Gradients: never written. Copies are made only when clipping or L2 decay changes them.
         grads = [p.grad for p in params]
-        if clip is not None:
-            grads = [g * clip.to(g.device) for g in grads]
-            owned = True
-        else:
-            owned = False
-        if wd != 0.0 and (self._l2_in_grad == "always" or (self._l2_in_grad == "vanilla" and mode == "none")):
-            if owned:
-                for g, p in zip(grads, params):
-                    g.add_(p, alpha=wd)
-            else:
-                grads = [g.add(p, alpha=wd) for g, p in zip(grads, params)]
-
-        states = []
-        for p, g in zip(params, grads):
-            state = self.state[p]
-            if any(k not in state for k in self._state_keys(group)):
-                self._init_state(p, g, state, group)
-            for key in extra_state_keys(mode):
-                if key not in state:
-                    state[key] = p.detach().clone(memory_format=torch.preserve_format)
-            if not group_step:
+        states = [self._state_for(p, g, group, mode) for p, g in zip(params, grads)]
+        if not group_step:
+            for state in states:
                 state["step"] = int(state.get("step", 0)) + 1
-            states.append(state)
         steps = [group["step"]] * len(params) if group_step else [s["step"] for s in states]
+        keys = self._arrays(group)[2:]
+        # Complex parameters are stepped through their real views (as torch.optim does).
+        arrays = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] for p, g, s in zip(params, grads, states)]
 
-        choice = self._fused_choice(group, params)
-        if choice:
-            rest = fused_apply(self, group, params, grads, states, steps, auto=choice == "kernel")
-            if not rest:
-                return
-            if len(rest) < len(params):  # first steps, non-contiguous or tiny tensors: eagerly below
-                pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
-                params, grads, states, steps = pick(params), pick(grads), pick(states), pick(steps)
-        if self._use_foreach(group, params):
-            self._apply(FOREACH, group, params, grads, states, steps)
-        else:
-            for i in range(len(params)):
-                self._apply(PER_TENSOR, group, params[i : i + 1], grads[i : i + 1], states[i : i + 1], steps[i : i + 1])
+        taken = []
+        rest = list(range(len(params)))
+        wants = self._wants_kernel(group)
+        if wants is not None:
+            rest = self._run_kernels(group, arrays, steps, pids, clip, rest, wants, taken)
+        if rest:
+            path = self._eager_path(group, [params[i] for i in rest])
+            self._run_eager(group, [arrays[i] for i in rest], [steps[i] for i in rest], [pids[i] for i in rest],
+                            clip, FOREACH if path == "foreach" else None)
+            if not taken or path not in taken:
+                taken.append(path if not taken else f"{path} for the rest")
+        self._paths_taken[index] = taken
 
-    def _apply(self, ops, group, params, grads, states, steps, lr=None) -> None:
-        """One step of ``params``; ``lr`` (a 0-dim tensor on the fused path) defaults to the group's."""
+    def _rounding(self, group, dtypes) -> list:
+        """Per array: stored with stochastic rounding? bfloat16 state always; a bfloat16 parameter with
+        ``bf16_stochastic_round``; never the gradient (it is only read)."""
+        sr_param = bool(group.get("bf16_stochastic_round", False))
+        return [d == torch.bfloat16 and (a > 1 or (a == 0 and sr_param)) for a, d in enumerate(dtypes)]
+
+    def _streams(self, group, step, rounding) -> list:
+        seed = int(group.get("rounding_seed", 0))
+        return [_rounding.stream(seed, step, a) for a, on in enumerate(rounding) if on]
+
+    def _run_kernels(self, group, arrays, steps, pids, clip, todo, required: bool, taken: list) -> list:
+        """Step what a kernel can take; return the indices left for the eager path. Every kernel is
+        obtained before any runs, so a failure never leaves a tensor stepped twice."""
+        names = self._arrays(group)
+        clip_value = None if clip is None else float(clip)
+        parts: dict = {}
+        rest = []
+        for i in todo:
+            why = _kernel_eligible(arrays[i])
+            if why:
+                kernels.log_once(f"{type(self).__name__}: {why}; those tensors run on "
+                                 f"{self._eager_path(group, [arrays[i][0]])}")
+                rest.append(i)
+                continue
+            ts = arrays[i]
+            parts.setdefault((ts[0].device, tuple(t.dtype for t in ts), steps[i]), []).append(i)
+        calls = []
+        for (device, dtypes, step), idx in parts.items():
+            backend, why = kernels.backend_for(device)
+            rounding = self._rounding(group, dtypes)
+            try:
+                if backend is None:
+                    raise kernels.Fallback(why)
+                kernel, operands = kernels.find(self, group, names, list(dtypes), rounding, backend, step, clip_value)
+            except kernels.Fallback as e:
+                reason = str(e)
+                if required or backend is not None or "HF_WIN_FUSED_BACKEND" not in reason:
+                    kernels.log_once(f"{reason}; the step runs on foreach instead")
+                rest.extend(idx)
+                taken.append(f"{self._eager_path(group, [arrays[i][0] for i in idx])} ({reason})")
+                continue
+            calls.append((kernel, idx, list(operands) + self._streams(group, step, rounding), device))
+            if f"{backend} kernel" not in taken:
+                taken.insert(0, f"{backend} kernel")
+        for kernel, idx, scalars, device in calls:
+            ptrs = [t.data_ptr() for i in idx for t in arrays[i]]
+            kernels.launch(kernel, ptrs, [arrays[i][0].numel() for i in idx], [pids[i] for i in idx], scalars, device)
+        return sorted(rest)
+
+    def _run_eager(self, group, arrays, steps, pids, clip, ops) -> None:
+        """The eager paths: foreach (``ops=FOREACH``) or one tensor at a time. Arithmetic is in float32
+        for low-precision tensors (float64 for float64 parameters): inputs are upcast, results rounded
+        back (stochastically where ``_rounding`` says)."""
+        if ops is None:
+            for i in range(len(arrays)):
+                self._run_eager(group, arrays[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip, PER_TENSOR)
+            return
+        names = self._arrays(group)
+        compute = [torch.float64 if a[0].dtype == torch.float64 else torch.float32 for a in arrays]
+        work = [[t if t.dtype == c else t.to(c) for t in a] for a, c in zip(arrays, compute)]
+        if clip is not None:
+            clip = clip.to(arrays[0][0].device)
+        self._step_fn(ops, group, [w[0] for w in work], [w[1] for w in work],
+                      [dict(zip(names[2:], w[2:])) for w in work], steps, clip)
+        for a, w, step, pid in zip(arrays, work, steps, pids):
+            rounding = self._rounding(group, [t.dtype for t in a])
+            seed = int(group.get("rounding_seed", 0))
+            for j, (dst, src) in enumerate(zip(a, w)):
+                if dst is src or j == 1:
+                    continue
+                if rounding[j]:
+                    key = _rounding.tensor_key(_rounding.stream(seed, step, j), pid)
+                    dst.copy_(_rounding.to_bf16(src, key, _rounding.memory_offsets(dst)))
+                else:
+                    dst.copy_(src)
+
+    def _step_fn(self, ops, group, params, grads, states, steps, clip) -> None:
+        """One step of ``params``: the gradient as the step uses it (``_prepare_grads``), then the base
+        direction and the acceleration (``_apply``). The kernels trace exactly this (kernels/ir.py)."""
+        grads = self._prepare_grads(ops, group, params, grads, clip)
+        self._apply(ops, group, params, grads, states, steps)
+
+    def _prepare_grads(self, ops, group, params, grads, clip):
+        """Clipping, ``maximize`` and L2 decay, on copies: ``p.grad`` is never written."""
+        owned = False
+        if clip is not None:
+            grads, owned = ops.scaled(grads, clip), True
+        if group.get("maximize", False):
+            if owned:
+                ops.mul_(grads, -1.0)
+            else:
+                grads, owned = ops.scaled(grads, -1.0), True
         mode = group["acceleration_mode"]
-        if lr is None:
-            lr = group["lr"]
-            lr = float(lr) if isinstance(lr, Tensor) else lr
+        if self._l2_in_grad == "always" or (self._l2_in_grad == "vanilla" and mode == "none"):
+            wd = group["weight_decay"]
+            if wd != 0.0:
+                if not owned:
+                    grads = ops.clone(grads)
+                ops.add_(grads, params, alpha=wd)
+        return grads
+
+    def _apply(self, ops, group, params, grads, states, steps) -> None:
+        """The base direction and the acceleration for ``params`` (``grads`` already prepared)."""
+        mode = group["acceleration_mode"]
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = float(lr)
         updates = self._direction(ops, group, params, grads, states, steps)
         if mode == "none":
             vanilla_step(ops, params, updates, lr=lr, weight_decay=group["weight_decay"], decay=self._vanilla_decay)
             return
-        r1, r2 = (float(r) for r in group["reckless_steps"])
+        r1, r2 = group["reckless_steps"]
         lam = group["weight_decay"] if self._integrated_decay else 0.0
         xs = [s["x"] for s in states]
         ys = [s["y"] for s in states] if mode == "win2" else None

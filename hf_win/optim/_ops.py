@@ -29,8 +29,15 @@ Scalar = Union[float, Sequence[float], Sequence[Tensor], Tensor]
 
 def scalar_sqrt(x):
     """Square root of a step scalar: a Python number (eager paths), a 0-dim tensor (compiled path) or a
-    symbolic scalar (the generated CPU kernel, ``_ckernel.SymScalar``)."""
+    symbolic scalar (the kernels' trace, ``kernels.ir.SymScalar``)."""
     return math.sqrt(x) if isinstance(x, (int, float)) else x.sqrt()
+
+
+def _trust_ratio(w: Tensor, u: Tensor, clip: bool) -> Tensor:
+    """LAMB's layer-wise ratio ``||p|| / ||u||`` (1 when either norm is 0; at most 1 with ``clip``)."""
+    one = torch.ones_like(w)
+    r = torch.where(w > 0, torch.where(u > 0, w / u, one), one)
+    return torch.minimum(r, one) if clip else r
 
 
 def _per_item(scalar, n):
@@ -115,6 +122,14 @@ class _PerTensorOps:
     def norm(xs):
         return [torch.linalg.vector_norm(x) for x in xs]
 
+    @staticmethod
+    def sign(xs):
+        return [x.sign() for x in xs]
+
+    @staticmethod
+    def trust_ratio(w_norms, u_norms, clip: bool):
+        return [_trust_ratio(w, u, clip) for w, u in zip(w_norms, u_norms)]
+
 
 class _ForeachOps:
     """The multi-tensor path: one ``torch._foreach_*`` kernel per operation over the whole list."""
@@ -187,6 +202,12 @@ class _ForeachOps:
     @staticmethod
     def norm(xs):
         return list(torch._foreach_norm(xs))
+
+    @staticmethod
+    def sign(xs):
+        return torch._foreach_sign(xs)
+
+    trust_ratio = staticmethod(_PerTensorOps.trust_ratio)
 
 
 PER_TENSOR = _PerTensorOps()

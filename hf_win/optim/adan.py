@@ -60,8 +60,8 @@ class Adan(WinOptimizer):
 
     def _init_state(self, p, grad, state, group):
         for key in ("exp_avg", "exp_avg_diff", "exp_avg_sq"):
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["pre_grad"] = grad.detach().clone(memory_format=torch.preserve_format)
+            state[key] = self._new_state(p, group)
+        state["pre_grad"] = self._new_state(p, group, like=grad)
 
     def _direction(self, ops, group, params, grads, states, steps):
         beta1, beta2, beta3 = group["betas"]

@@ -87,14 +87,6 @@ class LAMB(WinOptimizer):
         if wd != 0.0:
             ops.add_(denom, params, alpha=wd)
         if wd != 0.0 or group["always_adapt"]:
-            w_norms = ops.norm(params)
-            u_norms = ops.norm(denom)
-            ratios = []
-            for w, u in zip(w_norms, u_norms):
-                one = torch.ones_like(w)
-                r = torch.where(w > 0, torch.where(u > 0, w / u, one), one)
-                if group["trust_clip"]:
-                    r = torch.minimum(r, one)
-                ratios.append(r)
+            ratios = ops.trust_ratio(ops.norm(params), ops.norm(denom), group["trust_clip"])
             ops.mul_(denom, ratios)
         return denom

@@ -59,9 +59,10 @@ class SGD(WinOptimizer):
     def _direction(self, ops, group, params, grads, states, steps):
         momentum, dampening = group["momentum"], group["dampening"]
         bufs = [s["momentum"] for s in states]
-        # Steps are ints; on the fused path they are 0-dim tensors, never 1 (first steps run eagerly).
-        first = [i for i, t in enumerate(steps) if isinstance(t, int) and t == 1]
-        later = [i for i, t in enumerate(steps) if not (isinstance(t, int) and t == 1)]
+        # ``t == 1`` on a traced step records a guard (kernels/ir.py): the kernel of the first step and
+        # that of later steps are two kernels.
+        first = [i for i, t in enumerate(steps) if t == 1]
+        later = [i for i, t in enumerate(steps) if not t == 1]
         if first:
             ops.copy_([bufs[i] for i in first], [grads[i] for i in first])
         if later:

@@ -1,0 +1,158 @@
+"""Fused optimizer steps: one traced description (``ir``), two emitters (``c`` for CPU, ``triton`` for
+CUDA), a cache that trusts nothing (``cache``). ``_base.WinOptimizer`` only asks this module for a
+kernel (``find``) and for the backend of a device (``backend_for``).
+
+A kernel is keyed by the *structure* of the update: the optimizer class, the arrays and their dtypes,
+which arrays are stochastically rounded, whether the optimizer clips, and the non-numeric group entries
+the step reads (mode, amsgrad, nesterov, maximize, ...); within that, by the guards its trace recorded
+(``ir``). Numbers are never part of a key. At most ``MAX_KERNELS`` (``$HF_WIN_MAX_KERNELS``, default 64)
+kernels are built per process; past that a group runs on foreach, with one warning.
+
+``$HF_WIN_FUSED_BACKEND``: ``auto`` (default: the C kernel for CPU tensors, Triton for CUDA tensors
+where ``triton`` imports), ``c``, ``triton`` (also for CPU tensors, which only Triton's interpreter,
+``TRITON_INTERPRET=1``, can run: that is how the tests check it) or ``foreach`` (no kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .cache import KernelUnavailable
+from .ir import Unsupported, host_inputs, structure_of, trace
+
+__all__ = ["BACKENDS", "backend_setting", "backend_for", "find", "launch", "Fallback", "counters", "reset", "log_once"]
+
+logger = logging.getLogger("hf_win.kernels")
+BACKENDS = ("auto", "c", "triton", "foreach")
+_LOCK = threading.RLock()
+_VARIANTS: Dict[tuple, list] = {}
+_FAILED: Dict[tuple, str] = {}
+_LOGGED: set = set()
+_COUNTS = {"kernels": 0, "traces": 0, "calls": 0}
+
+
+class Fallback(Exception):
+    """No kernel for this call; ``str(e)`` is the reason in words."""
+
+
+def max_kernels() -> int:
+    raw = os.environ.get("HF_WIN_MAX_KERNELS", "64")
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise ValueError(f"HF_WIN_MAX_KERNELS must be a whole number >= 0, got {raw!r}") from None
+
+
+def backend_setting() -> str:
+    value = os.environ.get("HF_WIN_FUSED_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"HF_WIN_FUSED_BACKEND must be one of {', '.join(BACKENDS)}, got {value!r}")
+    return value
+
+
+def log_once(reason: str) -> None:
+    """Log a fallback's reason once per process (logger ``hf_win.kernels``, level WARNING)."""
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        logger.warning("hf_win: %s", reason)
+
+
+def _triton_error() -> Optional[str]:
+    try:
+        from . import triton as _t  # noqa: F401
+    except Exception as e:  # ImportError, or a triton too old for the kernel
+        return f"triton does not import ({type(e).__name__}: {e})"
+    return None
+
+
+def backend_for(device: torch.device) -> Tuple[Optional[str], str]:
+    """(``"c"`` / ``"triton"`` / None, the reason when None) for tensors on ``device``."""
+    setting = backend_setting()
+    if setting == "foreach":
+        return None, "HF_WIN_FUSED_BACKEND=foreach"
+    if setting == "triton" or (setting == "auto" and device.type == "cuda"):
+        if device.type not in ("cuda", "cpu"):
+            return None, f"no kernel for {device.type} tensors"
+        err = _triton_error()
+        return (None, err) if err else ("triton", "")
+    if device.type == "cpu":
+        return "c", ""
+    if setting == "c":
+        return None, f"HF_WIN_FUSED_BACKEND=c runs on CPU tensors only, these are on {device.type}"
+    return None, f"no kernel for {device.type} tensors"
+
+
+def _build(backend: str, prog, dtypes, rounding):
+    if backend == "c":
+        from .c import CKernel
+        return CKernel(prog, dtypes, rounding)
+    from .triton import TritonKernel
+    return TritonKernel(prog, dtypes, rounding)
+
+
+def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], rounding: List[bool],
+         backend: str, step: int, clip: Optional[float]):
+    """``(kernel, operands)`` for one call, building the kernel at most once per structure and guards.
+    Raises ``Fallback`` with the reason when there is none."""
+    key = (type(optimizer), tuple(arrays), tuple(dtypes), tuple(rounding), backend, clip is not None)
+    for traced, kernel in _VARIANTS.get(key, ()):
+        if traced.matches(group):
+            try:
+                operands = traced.host(host_inputs(traced, group, step, clip))
+            except ArithmeticError as e:
+                raise Fallback(f"a step scalar could not be computed ({e})") from None
+            if operands is not None:
+                return kernel, operands
+    whole = (key, tuple(sorted((k, structure_of(v)) for k, v in group.items() if k != "params")))
+    with _LOCK:
+        if whole in _FAILED:
+            raise Fallback(_FAILED[whole])
+        try:
+            if _COUNTS["kernels"] >= max_kernels():
+                raise Fallback(
+                    f"{_COUNTS['kernels']} kernels were built in this process, the bound "
+                    f"(HF_WIN_MAX_KERNELS={max_kernels()}); further step structures run on foreach")
+            _COUNTS["traces"] += 1
+            traced = trace(optimizer._step_fn, group, arrays, step, clip)
+            kernel = _build(backend, traced.prog, dtypes, rounding)
+        except Fallback as e:
+            raise e
+        except Unsupported as e:
+            reason = f"{type(optimizer).__name__}: the step cannot be fused ({e})"
+            _FAILED[whole] = reason
+            raise Fallback(reason) from None
+        except (KernelUnavailable, OSError, RuntimeError, ImportError) as e:
+            reason = f"{type(optimizer).__name__}: the {backend} kernel is unavailable ({e})"
+            _FAILED[whole] = reason
+            raise Fallback(reason) from None
+        _COUNTS["kernels"] += 1
+        _VARIANTS.setdefault(key, []).append((traced, kernel))
+        operands = traced.host(host_inputs(traced, group, step, clip))
+        if operands is None:  # pragma: no cover - the trace took the branches these values take
+            raise Fallback("internal: a fresh kernel's guards do not hold")
+        return kernel, operands
+
+
+def launch(kernel, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device) -> None:
+    """Run ``kernel`` over tensors (see ``CKernel.run``); counted in ``counters()["calls"]``."""
+    kernel.run(ptrs, numels, keys, scalars, device)
+    _COUNTS["calls"] += 1
+
+
+def counters() -> Dict[str, int]:
+    """``kernels`` built or loaded in this process, ``traces`` made, kernel ``calls``."""
+    return dict(_COUNTS)
+
+
+def reset() -> None:
+    """Forget every kernel, failure and logged reason (tests)."""
+    with _LOCK:
+        _VARIANTS.clear()
+        _FAILED.clear()
+        _LOGGED.clear()
+        _COUNTS.update(kernels=0, traces=0, calls=0)

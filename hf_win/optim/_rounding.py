@@ -1,0 +1,78 @@
+"""Rounding a float32 result into a bfloat16 buffer: to nearest, or stochastically, the same on every path.
+
+Stochastic rounding adds 16 random bits below a float32's bfloat16 part and truncates, so the expected
+stored value equals the float32 one: updates far below half a bfloat16 ulp still move the buffer on
+average (torchao's ``bf16_stochastic_round``). The bits are not drawn from a generator but computed from a
+counter, so every path (per-tensor, foreach, the C and Triton kernels) rounds an element the same way,
+and a run resumed from a checkpoint rounds exactly as the uninterrupted run:
+
+    stream(seed, step, array)  = seed*0x9E3779B1 + step*0x85EBCA77 + array*0x27D4EB2F      (mod 2^32)
+    key(stream, tensor)        = fmix32(stream + tensor*0xC2B2AE3D)                        (mod 2^32)
+    bits(key, i)               = fmix32((lo32(i) + key) xor hi32(i)*0x165667B1)            (mod 2^32)
+
+``seed`` is the param group's ``rounding_seed`` (saved in the state dict with the group), ``step`` the
+parameter's step count, ``array`` the buffer's position in ``["param", "grad", *state keys]``, ``tensor``
+the parameter's position among all the optimizer's parameters and ``i`` the element's offset in memory;
+``fmix32`` is MurmurHash3's finaliser. The random 16 bits are ``bits >> 16``. NaN is stored as the
+canonical bfloat16 NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+M32 = 0xFFFFFFFF
+S_SEED, S_STEP, S_TENSOR, S_ARRAY, S_HIGH = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1
+
+
+def fmix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & M32
+    return h ^ (h >> 16)
+
+
+def stream(seed: int, step: int, array: int) -> int:
+    return (int(seed) * S_SEED + int(step) * S_STEP + int(array) * S_ARRAY) & M32
+
+
+def tensor_key(stream_value: int, tensor: int) -> int:
+    return fmix32((stream_value + int(tensor) * S_TENSOR) & M32)
+
+
+def _fmix32_t(h: Tensor) -> Tensor:
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & M32
+    return h ^ (h >> 16)
+
+
+def random_bits(key: int, offsets: Tensor) -> Tensor:
+    """32 random bits (int64 tensor) for the elements at memory ``offsets`` (int64)."""
+    lo, hi = offsets & M32, offsets >> 32
+    return _fmix32_t(((lo + key) & M32) ^ ((hi * S_HIGH) & M32))
+
+
+def memory_offsets(t: Tensor) -> Tensor:
+    """Each element's offset in memory (from the tensor's first element), in the tensor's shape; for a
+    tensor that is not dense (a strided view with gaps), its logical flat index instead."""
+    n = t.numel()
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+    flat = torch.arange(max(n, 1), device=t.device, dtype=torch.int64)
+    if n > 0 and span == n and all(st >= 0 for st in t.stride()):
+        return flat.as_strided(t.shape, t.stride())
+    return flat[:n].view(t.shape)
+
+
+def to_bf16(src: Tensor, key: int = None, offsets: Tensor = None) -> Tensor:
+    """``src`` rounded to bfloat16: stochastically with ``key`` (see the module docstring), else nearest."""
+    if key is None:
+        return src.to(torch.bfloat16)
+    bits = src.float().view(torch.int32).to(torch.int64) & M32
+    r = random_bits(key, offsets) >> 16
+    high = ((bits + r) >> 16) & 0xFFFF
+    high = torch.where(src != src, torch.full_like(high, 0x7FC0), high)
+    return ((high ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16)
