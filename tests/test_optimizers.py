@@ -286,7 +286,7 @@ def test_foreach_and_per_tensor_paths_agree_in_float32(name, mode):
         results.append([p.detach() for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    # the default (foreach=None, fused=None) is the generated CPU kernel where it applies (test_fused.py):
+    # the default (foreach=None, fused=None) is the C kernel on CPU (test_kernels.py):
     # the same operations in the same order, so within float32 rounding of the foreach path
     params, _ = run(name, mode, steps=5, opt_kwargs=dict(max_grad_norm=1.0))
     for a, b in zip([p.detach() for p in params], results[1]):

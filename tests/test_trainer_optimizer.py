@@ -70,8 +70,8 @@ def test_every_registry_optimizer_trains_under_trainer(tmp_path, name, mode, cap
     assert len(msgs) == 1
     assert name in msgs[0] and f"acceleration_mode={mode}" in msgs[0] and "(2.0, 8.0)" in msgs[0]
     assert trainer.win_optimizer_summary["state_bytes"] == opt.state_bytes()
-    # and the path the steps take: on CPU with no path flags, the fused kernel (tests/test_fused.py)
-    assert msgs[0].endswith("step: fused CPU kernel where it applies, else foreach")
+    # and the path the steps take: on CPU with no path flags, the C kernel (tests/test_kernels.py)
+    assert msgs[0].endswith("step: c kernel")
 
 
 def test_plain_trainer_with_optimizer_cls_and_kwargs_gives_the_same_optimizer_and_result(tmp_path):

@@ -348,8 +348,8 @@ class WinOptimizer(torch.optim.Optimizer):
             path = self._eager_path(group, [params[i] for i in rest])
             self._run_eager(group, [arrays[i] for i in rest], [steps[i] for i in rest], [pids[i] for i in rest],
                             clip, FOREACH if path == "foreach" else None)
-            if not taken or path not in taken:
-                taken.append(path if not taken else f"{path} for the rest")
+            if not taken:
+                taken.append(path)
         self._paths_taken[index] = taken
 
     def _rounding(self, group, dtypes) -> list:
@@ -372,9 +372,12 @@ class WinOptimizer(torch.optim.Optimizer):
         for i in todo:
             why = _kernel_eligible(arrays[i])
             if why:
+                path = f"{self._eager_path(group, [arrays[i][0]])} ({why})"
                 kernels.log_once(f"{type(self).__name__}: {why}; those tensors run on "
                                  f"{self._eager_path(group, [arrays[i][0]])}")
                 rest.append(i)
+                if path not in taken:
+                    taken.append(path)
                 continue
             ts = arrays[i]
             parts.setdefault((ts[0].device, tuple(t.dtype for t in ts), steps[i]), []).append(i)
