@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import required
 
 from . import _fused
 from ._fused import fused_apply, kernel_available
@@ -49,38 +50,75 @@ class WinOptimizer(torch.optim.Optimizer):
     _clip_style: str = "standard"
     _n_betas: int = 2
 
+    #: Keys that hold one value for the whole optimizer: the global-norm clipping reads them from
+    #: ``defaults``, so a param group may not set another value (``_validate_group`` refuses it).
+    _global_keys: tuple = ("max_grad_norm",)
+    #: The torch.optim classes whose state dicts this class converts on ``load_state_dict``
+    #: (``"AdamW"``, ``"Adam"``, ``"SGD"``; see ``_state_dict.py``).
+    _torch_sources: tuple = ()
+
     def __init__(
         self, params, defaults: dict, *, max_grad_norm: float = 0.0, foreach: Optional[bool] = None,
-        fused: Optional[bool] = None,
+        fused: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
+        differentiable: bool = False,
     ):
+        name = type(self).__name__
         if not _is_number(max_grad_norm):
             raise ValueError(f"max_grad_norm must be a number (<= 0 disables clipping), got {max_grad_norm!r}")
         if foreach not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
-        defaults = dict(defaults, max_grad_norm=float(max_grad_norm), foreach=foreach, fused=fused)
+        for flag, value, instead in (
+            ("capturable", capturable, "torch.optim.AdamW or torch.optim.Adam with capturable=True for CUDA graphs"),
+            ("differentiable", differentiable,
+             "torch.optim.AdamW(differentiable=True) to differentiate through the step"),
+        ):
+            if value is not False:
+                raise ValueError(
+                    f"{name}: {flag}={value!r} is not supported (only False, torch's default, is accepted); "
+                    f"use {instead}"
+                )
+        defaults = dict(
+            defaults, max_grad_norm=float(max_grad_norm), foreach=foreach, fused=fused, maximize=maximize,
+            capturable=False, differentiable=False,
+        )
         for key in ("betas", "reckless_steps"):  # lists (from JSON/YAML configs) become tuples
             if isinstance(defaults.get(key), list):
                 defaults[key] = tuple(defaults[key])
-        self._validate_group(defaults, where="")
+        self._validate_group(defaults, where="", defaults=True)
         if max_grad_norm > 0 and inside_zero_redundancy_optimizer():
             raise ShardingError(
-                f"{type(self).__name__}: max_grad_norm={max_grad_norm} inside ZeroRedundancyOptimizer would clip "
+                f"{name}: max_grad_norm={max_grad_norm} inside ZeroRedundancyOptimizer would clip "
                 "with the norm of this process's share of the parameters only. " + CLIP_ADVICE
             )
         self._registered_ids = set()  # ids of the parameters given to us (see _sharding.foreign_params)
+        self.last_load_report: Optional[str] = None  # what the last load_state_dict did (see there)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group``, validated first (nothing is added on an error).
+
+        Every hyper-parameter of the constructor may be given per group and is honoured per group,
+        except the keys of ``_global_keys`` (``max_grad_norm``; SGD's ``eps``, which only the clipping
+        uses): one value for all groups, so a group giving another value is refused. Keys this optimizer
+        does not know are kept in the group, as torch does."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         merged = dict(self.defaults)
         merged.update({k: v for k, v in param_group.items() if k != "params"})
         self._validate_group(merged, where=f" (param group {len(self.param_groups)})")
+        for key in ("betas", "reckless_steps"):  # lists (from JSON/YAML configs) become tuples
+            if isinstance(param_group.get(key), list):
+                param_group[key] = tuple(param_group[key])
         super().add_param_group(param_group)
         self._registered_ids.update(id(p) for p in self.param_groups[-1]["params"])
 
-    def _validate_group(self, group: dict, where: str) -> None:
+    def _validate_group(self, group: dict, where: str, defaults: bool = False) -> None:
+        """Raise ``ValueError`` naming the key and the allowed values. ``defaults``: ``group`` is the
+        constructor's defaults, where ``lr`` may still be the ``required`` sentinel (SGD: torch's rule,
+        every group must then give its own)."""
         name = type(self).__name__
         mode = group.get("acceleration_mode")
         if mode not in MODES:
@@ -97,14 +135,20 @@ class WinOptimizer(torch.optim.Optimizer):
                 f"{name}: reckless_steps{where} must be two positive numbers (r1, r2), e.g. (2.0, 8.0); got {rs!r}"
             )
         lr = group.get("lr")
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"{name}: lr{where} as a tensor must have one element")
-            lr_value = float(lr)
+        if isinstance(lr, type(required)):
+            if not defaults:
+                raise ValueError(
+                    f"{name}: lr is required{where}: give lr= to the constructor or an 'lr' in every param group"
+                )
         else:
-            lr_value = lr
-        if not _is_number(lr_value) or lr_value < 0:
-            raise ValueError(f"{name}: lr{where} must be a number >= 0, got {lr!r}")
+            if isinstance(lr, Tensor):
+                if lr.numel() != 1:
+                    raise ValueError(f"{name}: lr{where} as a tensor must have one element")
+                lr_value = float(lr)
+            else:
+                lr_value = lr
+            if not _is_number(lr_value) or lr_value < 0:
+                raise ValueError(f"{name}: lr{where} must be a number >= 0, got {lr!r}")
         for key in ("eps", "weight_decay", "momentum", "dampening"):
             if key in group and (not _is_number(group[key]) or group[key] < 0):
                 raise ValueError(f"{name}: {key}{where} must be a number >= 0, got {group[key]!r}")
@@ -120,25 +164,48 @@ class WinOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{name}: betas{where} must be {self._n_betas} numbers each in [0, 1), got {betas!r}"
                 )
-        for key in ("amsgrad", "nesterov", "bias_correction", "grad_averaging", "trust_clip", "always_adapt"):
+        for key in ("amsgrad", "nesterov", "bias_correction", "grad_averaging", "trust_clip", "always_adapt",
+                    "maximize"):
             if key in group and not isinstance(group[key], bool):
                 raise ValueError(f"{name}: {key}{where} must be True or False, got {group[key]!r}")
+        for key in ("capturable", "differentiable"):
+            if group.get(key, False) is not False:
+                raise ValueError(
+                    f"{name}: {key}{where} must be False (torch's default); use the torch.optim optimizer "
+                    f"with {key}=True instead"
+                )
         if group.get("foreach") not in (None, True, False):
             raise ValueError(f"{name}: foreach{where} must be None, True or False, got {group['foreach']!r}")
         if group.get("fused") not in (None, True, False):
             raise ValueError(f"{name}: fused{where} must be None, True or False, got {group['fused']!r}")
         if group.get("fused") and group.get("foreach") is False:
             raise ValueError(f"{name}: fused=True{where} is a multi-tensor path; it cannot be combined with foreach=False")
+        if not defaults and hasattr(self, "defaults"):
+            for key in self._global_keys:
+                if key in group and group[key] != self.defaults.get(key):
+                    raise ValueError(
+                        f"{name}: {key}{where} = {group[key]!r} differs from the constructor's "
+                        f"{self.defaults.get(key)!r}; {key} is one value for all param groups (gradient "
+                        f"clipping uses one global norm over every group): set it in the constructor"
+                    )
 
     def __setstate__(self, state):
         super().__setstate__(state)
         if not hasattr(self, "_registered_ids"):  # unpickled; load_state_dict() keeps the live set, so
             # flattened partitions (DeepSpeed loads ZeRO checkpoints this way) stay recognised as such
             self._registered_ids = {id(p) for g in self.param_groups for p in g["params"]}
-        for group in self.param_groups:
+        if not hasattr(self, "last_load_report"):
+            self.last_load_report = None
+        self.defaults.setdefault("maximize", False)
+        self.defaults.setdefault("capturable", False)
+        self.defaults.setdefault("differentiable", False)
+        for group in self.param_groups:  # groups of checkpoints older than these keys (as torch does)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("max_grad_norm", self.defaults.get("max_grad_norm", 0.0))
+            group.setdefault("maximize", False)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
 
     # ------------------------------------------------------------------ subclass hooks
     @classmethod

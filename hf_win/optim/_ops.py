@@ -115,6 +115,11 @@ class _PerTensorOps:
     def norm(xs):
         return [torch.linalg.vector_norm(x) for x in xs]
 
+    @staticmethod
+    def sign(xs):
+        """New tensors ``sign(x)`` (-1, 0 or 1 elementwise)."""
+        return [x.sign() for x in xs]
+
 
 class _ForeachOps:
     """The multi-tensor path: one ``torch._foreach_*`` kernel per operation over the whole list."""
@@ -187,6 +192,10 @@ class _ForeachOps:
     @staticmethod
     def norm(xs):
         return list(torch._foreach_norm(xs))
+
+    @staticmethod
+    def sign(xs):
+        return list(torch._foreach_sign(xs))
 
 
 PER_TENSOR = _PerTensorOps()
