@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from . import _fused
+from . import _fused, _state_dict
 from ._fused import fused_apply, kernel_available
 from ._ops import FOREACH, PER_TENSOR
 from ._sharding import CLIP_ADVICE, ShardingError, check_partitioned, foreign_params, inside_zero_redundancy_optimizer
@@ -206,6 +207,51 @@ class WinOptimizer(torch.optim.Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
+
+    # ------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict()`` plus ``"hf_win": {"class": ...}``: which optimizer's state
+        it is (the class whose ``_direction`` keeps it), read by ``load_state_dict``."""
+        sd = super().state_dict()
+        sd[_state_dict.MARK] = {"class": _state_dict.checkpoint_name(type(self))}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict`` with these rules; what is refused raises ``ValueError``
+        naming both sides before anything is loaded, what is converted emits a ``UserWarning`` and
+        ``self.last_load_report`` says what was done (the Trainer logs it on resume).
+
+        - **Hyper-parameters** (lr, betas, eps, weight_decay, ...) are the checkpoint's, as in torch.
+          Keys the checkpoint lacks (older versions, the authors' code, torch) are this optimizer's.
+        - **Same class** (the state dict's ``"hf_win"`` mark, or no mark with Win param groups: the
+          authors' code, older hf_win): loaded. Each stepped parameter's state must hold exactly the
+          buffers this class keeps with the loaded options, shaped like the parameter; else refused.
+        - **Another hf_win class** (by its mark): refused (e.g. SGD-Win's ``momentum`` is not a moment of
+          AdamW-Win; AdamW-Win's and Adam-Win's moments differ by the decay in the gradient).
+        - **torch.optim.AdamW into AdamW-Win, Adam into Adam-Win, SGD into SGD-Win**: converted with a
+          warning: the moments (SGD's ``momentum_buffer`` becomes ``momentum``) and step counts are taken
+          over (a torch SGD buffer counts as one step), the hyper-parameters too; ``acceleration_mode``,
+          ``reckless_steps``, ``max_grad_norm`` and the run flags (foreach, fused, capturable,
+          differentiable) are this optimizer's, and ``x`` (and ``y``) start from the current parameters,
+          as at a first step. A torch state dict that says it used the other decay
+          (``decoupled_weight_decay``) or of any other torch class is refused.
+        - **Another acceleration_mode** (e.g. a ``win`` checkpoint into an optimizer built as ``win2``):
+          the optimizer keeps the mode it was built with, never the checkpoint's; the base state is kept,
+          Win sequences it lacks start from the current parameters, those it does not use are dropped;
+          warned.
+        - ``max_grad_norm`` (SGD: also ``eps``) is one value for the optimizer: a checkpoint's other value
+          is replaced by this optimizer's, warned.
+        """
+        converted, notes = _state_dict.prepare(self, state_dict)
+        super().load_state_dict(converted)
+        _state_dict.finish(self)
+        name = _state_dict.checkpoint_name(type(self))
+        modes = sorted({g["acceleration_mode"] for g in self.param_groups})
+        if notes:
+            self.last_load_report = f"{name}.load_state_dict: " + "; ".join(notes)
+            warnings.warn(self.last_load_report, UserWarning, stacklevel=2)
+        else:
+            self.last_load_report = f"{name}.load_state_dict: loaded as saved (acceleration_mode {'/'.join(modes)})"
 
     # ------------------------------------------------------------------ subclass hooks
     @classmethod
