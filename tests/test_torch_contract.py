@@ -156,7 +156,7 @@ PER_GROUP = {
                      trust_clip=True, always_adapt=True, reckless_steps=(1.0, 4.0)),
     "sgd_win": dict(momentum=0.5, dampening=0.2, nesterov=False, weight_decay=0.3, reckless_steps=(1.0, 4.0)),
     "adan_win": dict(betas=(0.9, 0.8, 0.9), eps=1e-3, weight_decay=0.3, reckless_steps=(1.0, 4.0)),
-    "lion_win": dict(betas=(0.5, 0.9), weight_decay=0.3, reckless_steps=(1.0, 4.0)),
+    "lion_win": dict(betas=(0.99, 0.5), weight_decay=0.3, reckless_steps=(1.0, 4.0)),
 }
 CASES = [(n, k, v) for n, kv in PER_GROUP.items() for k, v in kv.items()]
 
