@@ -15,19 +15,25 @@ tensors by identity (pure renamings pass the very same tensor objects through). 
 then makes ``model.load_state_dict`` apply it for the duration of one Trainer load call, records what was
 really loaded, and reports what is really missing or unexpected.
 
+``OptimizerResumeLogMixin`` logs what loading the optimizer state on resume did (loaded as saved, or
+converted: another acceleration_mode, a torch.optim checkpoint; see ``WinOptimizer.load_state_dict``).
+
 Private API used here: ``transformers.core_model_loading.revert_weight_conversion`` and the Trainer
-methods ``_load_from_checkpoint``, ``_load_best_model``, ``_issue_warnings_after_load`` (overridden in
-``hf_win.trainer.WinTrainer``).
+methods ``_load_from_checkpoint``, ``_load_best_model``, ``_issue_warnings_after_load``,
+``_load_optimizer_and_scheduler`` (overridden in ``hf_win.trainer.WinTrainer``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Dict, List, Set
 
 import torch
 
-__all__ = ["checkpoint_key_mapping", "mapped_state_dict_loading", "LoadReport"]
+__all__ = ["checkpoint_key_mapping", "mapped_state_dict_loading", "LoadReport", "OptimizerResumeLogMixin"]
+
+logger = logging.getLogger("transformers.trainer")
 
 
 def checkpoint_key_mapping(model: torch.nn.Module) -> Dict[str, str]:
@@ -158,3 +164,30 @@ class CheckpointNamesMixin:
                 f"(e.g. {unexpected[:3]}); resuming would continue from the initial weights of the missing ones"
             )
         return super()._issue_warnings_after_load(load_result)
+
+
+class OptimizerResumeLogMixin:
+    """Trainer mixin: after the Trainer loads ``optimizer.pt`` on resume, log what the Win optimizer's
+    ``load_state_dict`` did (its ``last_load_report``): at INFO when loaded as saved, at WARNING when it
+    converted the state (a checkpoint of another acceleration_mode or of torch.optim). Refusals raise
+    from ``load_state_dict`` itself, before training starts. The report is also kept in
+    ``self.win_optimizer_resume``."""
+
+    win_optimizer_resume = None
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        from .optim import WinOptimizer
+
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if isinstance(inner, WinOptimizer):
+            inner.last_load_report = None
+        result = super()._load_optimizer_and_scheduler(checkpoint)
+        report = getattr(inner, "last_load_report", None) if isinstance(inner, WinOptimizer) else None
+        if report is not None:
+            groups = inner.param_groups
+            now = (f" Now: acceleration_mode {'/'.join(sorted({g['acceleration_mode'] for g in groups}))}, "
+                   f"reckless_steps {'/'.join(sorted({str(tuple(g['reckless_steps'])) for g in groups}))}.")
+            self.win_optimizer_resume = report + now
+            level = logging.INFO if "loaded as saved" in report else logging.WARNING
+            logger.log(level, "hf_win optimizer state from %s: %s", checkpoint, self.win_optimizer_resume)
+        return result

@@ -10,6 +10,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
+from torch.optim.optimizer import required
+
 from .optim import Adam, AdamW, Adan, LAMB, SGD, WinOptimizer
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "available_optimizers", "get_optimizer_spec", "create_optimizer"]
@@ -78,9 +80,12 @@ def markdown_table() -> str:
     ]
     for spec in OPTIMIZERS.values():
         hp = spec.hyperparameters
-        shown = {k: v for k, v in hp.items() if k not in ("reckless_steps", "acceleration_mode", "foreach", "fused")}
+        # the same for every optimizer: in the text around the table
+        common = ("reckless_steps", "acceleration_mode", "foreach", "fused", "maximize", "capturable", "differentiable")
+        shown = {k: v for k, v in hp.items() if k not in common}
         defaults = ", ".join(
-            f"{k}={'required' if v is inspect.Parameter.empty or v is None else v}" for k, v in shown.items()
+            f"{k}={'required' if v is inspect.Parameter.empty or v is None or v is required else v}"
+            for k, v in shown.items()
         )
         buffers = [spec.cls.buffers_per_parameter(m, **{k: v for k, v in hp.items() if v is not inspect.Parameter.empty}) for m in ("none", "win", "win2")]
         rows.append(

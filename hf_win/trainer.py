@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from transformers import Trainer
 
-from ._compat import CheckpointNamesMixin
+from ._compat import CheckpointNamesMixin, OptimizerResumeLogMixin
 from .optim import WinOptimizer, check_partitioned
 from .training_args import is_win_optimizer, win_optimizer_kwargs
 
@@ -59,14 +59,16 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-class WinTrainer(CheckpointNamesMixin, Trainer):
+class WinTrainer(OptimizerResumeLogMixin, CheckpointNamesMixin, Trainer):
     """``transformers.Trainer`` with the Win optimizers. Same arguments, same parameter groups (no weight
     decay on biases and norm weights), same checkpoint files.
 
     One fix on top (``hf_win._compat.CheckpointNamesMixin``): resuming (``train(resume_from_checkpoint=...)``)
     and ``load_best_model_at_end`` load checkpoints saved in the original parameter naming correctly
     (transformers 5.x: a plain ``Trainer`` drops ViT's encoder weights there), and a checkpoint that does
-    not match the model is an error instead of a warning."""
+    not match the model is an error instead of a warning. On resume it logs what loading the optimizer state
+    did (``OptimizerResumeLogMixin``): a checkpoint of another ``--acceleration_mode`` is converted to the
+    mode asked for (warned), one of another optimizer is refused (``WinOptimizer.load_state_dict``)."""
 
     # Trainer.create_optimizer calls self.get_optimizer_cls_and_kwargs(self.args, model).
     get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)

@@ -14,6 +14,7 @@ The mapping from arguments to optimizer keywords lives in :func:`win_optimizer_k
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -46,6 +47,13 @@ MAPPED_KEYS: Dict[str, str] = {
     "max_grad_norm": "--max_grad_norm (the Trainer clips; the optimizer's own clipping stays off under the Trainer)",
 }
 
+# Constructor keywords accepted only at torch's default (False), so that code written for torch.optim
+# passes them through; nothing to set under the Trainer, so not --optim_args keys.
+TORCH_ONLY_KEYS: Dict[str, str] = {
+    "capturable": "CUDA graphs need torch.optim.AdamW/Adam(capturable=True)",
+    "differentiable": "a differentiable step needs torch.optim's differentiable=True",
+}
+
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 _NONE = {"none", "null", "auto"}
@@ -70,7 +78,7 @@ def optim_args_keys(name: str) -> Dict[str, str]:
     if _n_betas(spec) == 3:
         keys["beta3"] = "float"
     for key, default in spec.hyperparameters.items():
-        if key in MAPPED_KEYS:
+        if key in MAPPED_KEYS or key in TORCH_ONLY_KEYS:
             continue
         if isinstance(default, bool):
             keys[key] = "bool"
@@ -183,6 +191,11 @@ def parse_win_optim_args(name: str, optim_args: Any) -> Dict[str, Any]:
             raise ValueError(
                 f"--optim_args: {key} is not an --optim_args key; set it with {MAPPED_KEYS[key]}. "
                 f"{spec.name} accepts in --optim_args: {listing}"
+            )
+        if key in TORCH_ONLY_KEYS:
+            raise ValueError(
+                f"--optim_args: {key} is not an --optim_args key: the Win optimizers accept only {key}=False, "
+                f"torch's default ({TORCH_ONLY_KEYS[key]}). {spec.name} accepts in --optim_args: {listing}"
             )
         if key not in accepted:
             raise ValueError(f"--optim_args: {spec.name} does not use {key!r}; it accepts: {listing}")
@@ -336,7 +349,9 @@ class WinTrainingArguments(TrainingArguments):
         cls, kwargs = win_optimizer_kwargs(self)
         dummy = torch.zeros(1, requires_grad=True)
         try:
-            cls([dummy], **kwargs)
+            with warnings.catch_warnings():  # advice (LAMB without trust ratio) comes once, from the real one
+                warnings.simplefilter("ignore")
+                cls([dummy], **kwargs)
         except ValueError as err:
             raise ValueError(
                 f"invalid hyper-parameters for --optim {spec.name}: {err} "

@@ -119,7 +119,8 @@ def test_bad_values_in_code():
 
 
 def test_optim_args_keys_follow_the_registry():
-    mapped = {"lr", "betas", "eps", "weight_decay", "acceleration_mode", "reckless_steps", "max_grad_norm"}
+    mapped = {"lr", "betas", "eps", "weight_decay", "acceleration_mode", "reckless_steps", "max_grad_norm",
+              "capturable", "differentiable"}
     for name, spec in OPTIMIZERS.items():
         keys = set(optim_args_keys(name))
         expected = set(spec.accepted_keys) - mapped
@@ -127,9 +128,9 @@ def test_optim_args_keys_follow_the_registry():
             expected.add("beta3")
         assert keys == expected, name
     assert set(optim_args_keys("lamb_win")) == {
-        "bias_correction", "grad_averaging", "trust_clip", "always_adapt", "foreach", "fused"}
-    assert set(optim_args_keys("sgd_win")) == {"momentum", "dampening", "nesterov", "foreach", "fused"}
-    assert set(optim_args_keys("adan_win")) == {"beta3", "foreach", "fused"}
+        "bias_correction", "grad_averaging", "trust_clip", "always_adapt", "foreach", "fused", "maximize"}
+    assert set(optim_args_keys("sgd_win")) == {"momentum", "dampening", "nesterov", "foreach", "fused", "maximize"}
+    assert set(optim_args_keys("adan_win")) == {"beta3", "foreach", "fused", "maximize"}
 
 
 def test_every_optim_args_key_reaches_the_optimizer():

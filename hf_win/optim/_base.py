@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import required
 
-from . import _rounding, kernels
+from . import _rounding, _state_dict, kernels
 from ._ops import FOREACH, PER_TENSOR
 from ._sharding import CLIP_ADVICE, ShardingError, check_partitioned, foreign_params, inside_zero_redundancy_optimizer
 from ._win import MODES, accelerate, extra_state_keys, vanilla_step
@@ -86,39 +88,76 @@ class WinOptimizer(torch.optim.Optimizer):
     _clip_style: str = "standard"
     _n_betas: int = 2
 
+    #: Keys that hold one value for the whole optimizer: the global-norm clipping reads them from
+    #: ``defaults``, so a param group may not set another value (``_validate_group`` refuses it).
+    _global_keys: tuple = ("max_grad_norm",)
+    #: The torch.optim classes whose state dicts this class converts on ``load_state_dict``
+    #: (``"AdamW"``, ``"Adam"``, ``"SGD"``; see ``_state_dict.py``).
+    _torch_sources: tuple = ()
+
     def __init__(
         self, params, defaults: dict, *, max_grad_norm: float = 0.0, foreach: Optional[bool] = None,
-        fused: Optional[bool] = None,
+        fused: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
+        differentiable: bool = False,
     ):
+        name = type(self).__name__
         if not _is_number(max_grad_norm):
             raise ValueError(f"max_grad_norm must be a number (<= 0 disables clipping), got {max_grad_norm!r}")
         if foreach not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
-        defaults = dict(defaults, max_grad_norm=float(max_grad_norm), foreach=foreach, fused=fused)
+        for flag, value, instead in (
+            ("capturable", capturable, "torch.optim.AdamW or torch.optim.Adam with capturable=True for CUDA graphs"),
+            ("differentiable", differentiable,
+             "torch.optim.AdamW(differentiable=True) to differentiate through the step"),
+        ):
+            if value is not False:
+                raise ValueError(
+                    f"{name}: {flag}={value!r} is not supported (only False, torch's default, is accepted); "
+                    f"use {instead}"
+                )
+        defaults = dict(
+            defaults, max_grad_norm=float(max_grad_norm), foreach=foreach, fused=fused, maximize=maximize,
+            capturable=False, differentiable=False,
+        )
         for key in ("betas", "reckless_steps"):  # lists (from JSON/YAML configs) become tuples
             if isinstance(defaults.get(key), list):
                 defaults[key] = tuple(defaults[key])
-        self._validate_group(defaults, where="")
+        self._validate_group(defaults, where="", defaults=True)
         if max_grad_norm > 0 and inside_zero_redundancy_optimizer():
             raise ShardingError(
-                f"{type(self).__name__}: max_grad_norm={max_grad_norm} inside ZeroRedundancyOptimizer would clip "
+                f"{name}: max_grad_norm={max_grad_norm} inside ZeroRedundancyOptimizer would clip "
                 "with the norm of this process's share of the parameters only. " + CLIP_ADVICE
             )
         self._registered_ids = set()  # ids of the parameters given to us (see _sharding.foreign_params)
         self._paths_taken = {}  # param group index -> the paths its last step took (step_path)
+        self.last_load_report: Optional[str] = None  # what the last load_state_dict did (see there)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group``, validated first (nothing is added on an error).
+
+        Every hyper-parameter of the constructor may be given per group and is honoured per group,
+        except the keys of ``_global_keys`` (``max_grad_norm``; SGD's ``eps``, which only the clipping
+        uses): one value for all groups, so a group giving another value is refused. Keys this optimizer
+        does not know are kept in the group, as torch does."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         merged = dict(self.defaults)
         merged.update({k: v for k, v in param_group.items() if k != "params"})
         self._validate_group(merged, where=f" (param group {len(self.param_groups)})")
+        for key in ("betas", "reckless_steps"):  # lists (from JSON/YAML configs) become tuples
+            if isinstance(param_group.get(key), list):
+                param_group[key] = tuple(param_group[key])
         super().add_param_group(param_group)
         self._registered_ids.update(id(p) for p in self.param_groups[-1]["params"])
 
-    def _validate_group(self, group: dict, where: str) -> None:
+    def _validate_group(self, group: dict, where: str, defaults: bool = False) -> None:
+        """Raise ``ValueError`` naming the key and the allowed values. ``defaults``: ``group`` is the
+        constructor's defaults, where ``lr`` may still be the ``required`` sentinel (SGD: torch's rule,
+        every group must then give its own)."""
         name = type(self).__name__
         mode = group.get("acceleration_mode")
         if mode not in MODES:
@@ -135,14 +174,20 @@ class WinOptimizer(torch.optim.Optimizer):
                 f"{name}: reckless_steps{where} must be two positive numbers (r1, r2), e.g. (2.0, 8.0); got {rs!r}"
             )
         lr = group.get("lr")
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"{name}: lr{where} as a tensor must have one element")
-            lr_value = float(lr)
+        if isinstance(lr, type(required)):
+            if not defaults:
+                raise ValueError(
+                    f"{name}: lr is required{where}: give lr= to the constructor or an 'lr' in every param group"
+                )
         else:
-            lr_value = lr
-        if not _is_number(lr_value) or lr_value < 0:
-            raise ValueError(f"{name}: lr{where} must be a number >= 0, got {lr!r}")
+            if isinstance(lr, Tensor):
+                if lr.numel() != 1:
+                    raise ValueError(f"{name}: lr{where} as a tensor must have one element")
+                lr_value = float(lr)
+            else:
+                lr_value = lr
+            if not _is_number(lr_value) or lr_value < 0:
+                raise ValueError(f"{name}: lr{where} must be a number >= 0, got {lr!r}")
         for key in ("eps", "weight_decay", "momentum", "dampening"):
             if key in group and (not _is_number(group[key]) or group[key] < 0):
                 raise ValueError(f"{name}: {key}{where} must be a number >= 0, got {group[key]!r}")
@@ -158,15 +203,30 @@ class WinOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{name}: betas{where} must be {self._n_betas} numbers each in [0, 1), got {betas!r}"
                 )
-        for key in ("amsgrad", "nesterov", "bias_correction", "grad_averaging", "trust_clip", "always_adapt"):
+        for key in ("amsgrad", "nesterov", "bias_correction", "grad_averaging", "trust_clip", "always_adapt",
+                    "maximize"):
             if key in group and not isinstance(group[key], bool):
                 raise ValueError(f"{name}: {key}{where} must be True or False, got {group[key]!r}")
+        for key in ("capturable", "differentiable"):
+            if group.get(key, False) is not False:
+                raise ValueError(
+                    f"{name}: {key}{where} must be False (torch's default); use the torch.optim optimizer "
+                    f"with {key}=True instead"
+                )
         if group.get("foreach") not in (None, True, False):
             raise ValueError(f"{name}: foreach{where} must be None, True or False, got {group['foreach']!r}")
         if group.get("fused") not in (None, True, False):
             raise ValueError(f"{name}: fused{where} must be None, True or False, got {group['fused']!r}")
         if group.get("fused") and group.get("foreach") is False:
             raise ValueError(f"{name}: fused=True{where} is a multi-tensor path; it cannot be combined with foreach=False")
+        if not defaults and hasattr(self, "defaults"):
+            for key in self._global_keys:
+                if key in group and group[key] != self.defaults.get(key):
+                    raise ValueError(
+                        f"{name}: {key}{where} = {group[key]!r} differs from the constructor's "
+                        f"{self.defaults.get(key)!r}; {key} is one value for all param groups (gradient "
+                        f"clipping uses one global norm over every group): set it in the constructor"
+                    )
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -174,10 +234,63 @@ class WinOptimizer(torch.optim.Optimizer):
         if not hasattr(self, "_registered_ids"):  # unpickled; load_state_dict() keeps the live set, so
             # flattened partitions (DeepSpeed loads ZeRO checkpoints this way) stay recognised as such
             self._registered_ids = {id(p) for g in self.param_groups for p in g["params"]}
-        for group in self.param_groups:
+        if not hasattr(self, "last_load_report"):
+            self.last_load_report = None
+        self.defaults.setdefault("maximize", False)
+        self.defaults.setdefault("capturable", False)
+        self.defaults.setdefault("differentiable", False)
+        for group in self.param_groups:  # groups of checkpoints older than these keys (as torch does)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("max_grad_norm", self.defaults.get("max_grad_norm", 0.0))
+            group.setdefault("maximize", False)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+
+    # ------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict()`` plus ``"hf_win": {"class": ...}``: which optimizer's state
+        it is (the class whose ``_direction`` keeps it), read by ``load_state_dict``."""
+        sd = super().state_dict()
+        sd[_state_dict.MARK] = {"class": _state_dict.checkpoint_name(type(self))}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict`` with these rules; what is refused raises ``ValueError``
+        naming both sides before anything is loaded, what is converted emits a ``UserWarning`` and
+        ``self.last_load_report`` says what was done (the Trainer logs it on resume).
+
+        - **Hyper-parameters** (lr, betas, eps, weight_decay, ...) are the checkpoint's, as in torch.
+          Keys the checkpoint lacks (older versions, the authors' code, torch) are this optimizer's.
+        - **Same class** (the state dict's ``"hf_win"`` mark, or no mark with Win param groups: the
+          authors' code, older hf_win): loaded. Each stepped parameter's state must hold exactly the
+          buffers this class keeps with the loaded options, shaped like the parameter; else refused.
+        - **Another hf_win class** (by its mark): refused (e.g. SGD-Win's ``momentum`` is not a moment of
+          AdamW-Win; AdamW-Win's and Adam-Win's moments differ by the decay in the gradient).
+        - **torch.optim.AdamW into AdamW-Win, Adam into Adam-Win, SGD into SGD-Win**: converted with a
+          warning: the moments (SGD's ``momentum_buffer`` becomes ``momentum``) and step counts are taken
+          over (a torch SGD buffer counts as one step), the hyper-parameters too; ``acceleration_mode``,
+          ``reckless_steps``, ``max_grad_norm`` and the run flags (foreach, fused, capturable,
+          differentiable) are this optimizer's, and ``x`` (and ``y``) start from the current parameters,
+          as at a first step. A torch state dict that says it used the other decay
+          (``decoupled_weight_decay``) or of any other torch class is refused.
+        - **Another acceleration_mode** (e.g. a ``win`` checkpoint into an optimizer built as ``win2``):
+          the optimizer keeps the mode it was built with, never the checkpoint's; the base state is kept,
+          Win sequences it lacks start from the current parameters, those it does not use are dropped;
+          warned.
+        - ``max_grad_norm`` (SGD: also ``eps``) is one value for the optimizer: a checkpoint's other value
+          is replaced by this optimizer's, warned.
+        """
+        converted, notes = _state_dict.prepare(self, state_dict)
+        super().load_state_dict(converted)
+        _state_dict.finish(self)
+        name = _state_dict.checkpoint_name(type(self))
+        modes = sorted({g["acceleration_mode"] for g in self.param_groups})
+        if notes:
+            self.last_load_report = f"{name}.load_state_dict: " + "; ".join(notes)
+            warnings.warn(self.last_load_report, UserWarning, stacklevel=2)
+        else:
+            self.last_load_report = f"{name}.load_state_dict: loaded as saved (acceleration_mode {'/'.join(modes)})"
 
     # ------------------------------------------------------------------ subclass hooks
     @classmethod
@@ -306,7 +419,8 @@ class WinOptimizer(torch.optim.Optimizer):
     def _state_for(self, p: Tensor, grad: Tensor, group: dict, mode: str) -> dict:
         state = self.state[p]
         if any(k not in state for k in self._state_keys(group)):
-            self._init_state(p, grad, state, group)
+            # what the step calls the gradient: negated with maximize (Adan starts its pre_grad from it)
+            self._init_state(p, grad.neg() if group.get("maximize", False) else grad, state, group)
         for key in extra_state_keys(mode):
             if key not in state:
                 state[key] = self._new_state(p, group, like=p)

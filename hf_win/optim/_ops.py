@@ -124,6 +124,7 @@ class _PerTensorOps:
 
     @staticmethod
     def sign(xs):
+        """New tensors ``sign(x)`` (-1, 0 or 1 elementwise)."""
         return [x.sign() for x in xs]
 
     @staticmethod
@@ -205,7 +206,7 @@ class _ForeachOps:
 
     @staticmethod
     def sign(xs):
-        return torch._foreach_sign(xs)
+        return list(torch._foreach_sign(xs))
 
     trust_ratio = staticmethod(_PerTensorOps.trust_ratio)
 

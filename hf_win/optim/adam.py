@@ -16,12 +16,15 @@ class Adam(AdamW):
     r"""Adam (L2 weight decay) with Win / Win2 acceleration; ``acceleration_mode="none"`` is plain Adam.
 
     ``u = m / (sqrt(v) + eps) * sqrt(bc2) / bc1`` with ``g <- g + wd*p`` first.
-    Same arguments as :class:`AdamW`; ``weight_decay`` defaults to 0.
+    Same arguments (``maximize``, ``capturable``, ``differentiable`` included) and the same torch
+    compatibility as :class:`AdamW`; ``weight_decay`` defaults to 0. ``load_state_dict`` converts a
+    ``torch.optim.Adam`` state dict (whose ``eps`` is added after the bias correction; here before it).
     """
 
     _integrated_decay = False
     _vanilla_decay = None
     _l2_in_grad = "always"
+    _torch_sources = ("Adam",)
 
     def __init__(
         self,
@@ -36,11 +39,15 @@ class Adam(AdamW):
         acceleration_mode: str = "win",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         super().__init__(
             params, lr=lr, betas=betas, reckless_steps=reckless_steps, eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad, max_grad_norm=max_grad_norm, acceleration_mode=acceleration_mode, foreach=foreach,
-            fused=fused,
+            fused=fused, maximize=maximize, capturable=capturable, differentiable=differentiable,
         )
 
     def _direction(self, ops, group, params, grads, states, steps):

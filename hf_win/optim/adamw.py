@@ -48,11 +48,24 @@ class AdamW(WinOptimizer):
             (``hf_win/optim/_fused.py``: seconds to compile). None (default): that CPU kernel when
             ``foreach`` is None too and it can be built, else ``foreach``; never ``torch.compile``.
             False: ``foreach``.
+        maximize: maximize the objective instead of minimizing it (default False), as in
+            ``torch.optim.AdamW``: the step uses ``-grad`` (``p.grad`` itself is not changed).
+        capturable, differentiable: accepted at torch's default (False) so that code written for
+            ``torch.optim.AdamW`` passes them through; True raises ``ValueError`` (use torch's optimizer
+            for CUDA graphs or a differentiable step).
+
+    Compatibility with ``torch.optim.AdamW`` where nothing above says otherwise, as torch does: lr may be
+    given in the param groups only; every hyper-parameter may be set per param group (except
+    ``max_grad_norm``: one value for all groups); keys it does not know are kept in the groups; complex
+    parameters are stepped as their real view (``torch.view_as_real``); ``load_state_dict`` takes the
+    checkpoint's hyper-parameters, and converts a ``torch.optim.AdamW`` state dict or one of another
+    ``acceleration_mode`` by the rules of ``WinOptimizer.load_state_dict``.
     """
 
     _integrated_decay = True
     _vanilla_decay = "decoupled"
     _l2_in_grad = "never"
+    _torch_sources = ("AdamW",)
 
     def __init__(
         self,
@@ -67,13 +80,20 @@ class AdamW(WinOptimizer):
         acceleration_mode: str = "win",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=betas,
             reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, acceleration_mode=acceleration_mode,
         )
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
+        super().__init__(
+            params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused, maximize=maximize,
+            capturable=capturable, differentiable=differentiable,
+        )
 
     @classmethod
     def _state_keys(cls, group):

@@ -25,7 +25,8 @@ class Adan(WinOptimizer):
     Args:
         lr (1e-3), betas ((0.98, 0.92, 0.99)), reckless_steps ((2.0, 8.0)), eps (1e-8), weight_decay (0;
         the Adan paper's ViT recipes use 0.02), max_grad_norm (0; ``<= 0`` disables),
-        acceleration_mode ("win"), foreach (None), fused (None: see AdamW).
+        acceleration_mode ("win"), foreach (None), fused (None: see AdamW), maximize (False),
+        capturable / differentiable (False only; see AdamW). Torch compatibility as :class:`AdamW`.
     """
 
     _integrated_decay = True
@@ -46,13 +47,20 @@ class Adan(WinOptimizer):
         acceleration_mode: str = "win",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=betas,
             reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, acceleration_mode=acceleration_mode,
         )
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
+        super().__init__(
+            params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused, maximize=maximize,
+            capturable=capturable, differentiable=differentiable,
+        )
 
     @classmethod
     def _state_keys(cls, group):

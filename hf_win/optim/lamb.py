@@ -7,6 +7,7 @@ parameter tensor: for sharded parameters (DTensor under FSDP2) the norm is compu
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -27,7 +28,13 @@ class LAMB(WinOptimizer):
         lr (1e-3), bias_correction (True), betas ((0.9, 0.999)), reckless_steps ((2.0, 8.0)), eps (1e-6),
         weight_decay (0.01), grad_averaging (True), max_grad_norm (1.0; ``<= 0`` disables; under the
         Trainer use 0 and ``--max_grad_norm``), trust_clip (False), always_adapt (False),
-        acceleration_mode ("win"), foreach (None), fused (None: see AdamW).
+        acceleration_mode ("win"), foreach (None), fused (None: see AdamW), maximize (False),
+        capturable / differentiable (False only; see AdamW).
+
+    Without weight decay and without ``always_adapt`` there is no trust ratio: this is then exactly
+    Adam(W)-Win with LAMB's defaults (timm's and the authors' semantics); a ``UserWarning`` says so once
+    per optimizer. Pass ``always_adapt=True`` (Trainer: ``--optim_args always_adapt=true``) to apply the
+    trust ratio anyway. Torch compatibility otherwise as :class:`AdamW` (torch has no LAMB).
     """
 
     _integrated_decay = False
@@ -52,6 +59,10 @@ class LAMB(WinOptimizer):
         acceleration_mode: str = "win",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         defaults = dict(
             lr=lr, bias_correction=bias_correction, betas=betas,
@@ -59,7 +70,18 @@ class LAMB(WinOptimizer):
             eps=eps, weight_decay=weight_decay, grad_averaging=grad_averaging, trust_clip=trust_clip,
             always_adapt=always_adapt, acceleration_mode=acceleration_mode,
         )
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
+        super().__init__(
+            params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused, maximize=maximize,
+            capturable=capturable, differentiable=differentiable,
+        )
+        if not any(g["weight_decay"] != 0.0 or g["always_adapt"] for g in self.param_groups):
+            warnings.warn(
+                f"{type(self).__name__}: weight_decay is 0 and always_adapt is False in every param group, so the "
+                "layer-wise trust ratio is never applied (timm's and the authors' semantics): this optimizer is "
+                "then Adam-Win with LAMB's defaults. Pass always_adapt=True (Trainer: --optim_args "
+                "always_adapt=true) to apply the trust ratio without weight decay.",
+                UserWarning, stacklevel=2,
+            )
 
     @classmethod
     def _state_keys(cls, group):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Optional
 
 
+from torch.optim.optimizer import required
+
 from ._base import WinOptimizer
 
 
@@ -21,17 +23,25 @@ class SGD(WinOptimizer):
     Args:
         lr (required), momentum (0.9), dampening (0), reckless_steps ((2.0, 8.0)), weight_decay (0),
         max_grad_norm (0; ``<= 0`` disables), nesterov (True), acceleration_mode ("win"),
-        eps (1e-8, used only by gradient clipping), foreach (None), fused (None: see AdamW).
+        eps (1e-8, used only by gradient clipping, so one value for all groups), foreach (None),
+        fused (None: see AdamW), maximize (False), capturable / differentiable (False only; see AdamW).
+
+    As ``torch.optim.SGD`` with its ``required`` lr: lr may be given in the param groups only; an error
+    is raised only when some group ends up without one. ``load_state_dict`` converts a
+    ``torch.optim.SGD`` state dict (``momentum_buffer`` becomes ``momentum``). Torch compatibility
+    otherwise as :class:`AdamW`.
     """
 
     _integrated_decay = True
     _vanilla_decay = None
     _l2_in_grad = "vanilla"
+    _global_keys = ("max_grad_norm", "eps")  # eps is only the clipping's
+    _torch_sources = ("SGD",)
 
     def __init__(
         self,
         params,
-        lr: float = None,
+        lr: float = required,
         momentum: float = 0.9,
         dampening: float = 0.0,
         reckless_steps=(2.0, 8.0),
@@ -42,15 +52,22 @@ class SGD(WinOptimizer):
         eps: float = 1e-8,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
-        if lr is None:
-            raise ValueError("SGD_Win: lr is required (a number >= 0)")
+        if lr is None:  # the authors' signature had lr=None for "required"
+            lr = required
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening,
             reckless_steps=reckless_steps,
             weight_decay=weight_decay, nesterov=nesterov, acceleration_mode=acceleration_mode, eps=eps,
         )
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
+        super().__init__(
+            params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused, maximize=maximize,
+            capturable=capturable, differentiable=differentiable,
+        )
 
     @classmethod
     def _state_keys(cls, group):

@@ -1,0 +1,221 @@
+"""What ``WinOptimizer.load_state_dict`` accepts, converts and refuses (the rules are in its docstring).
+
+``prepare`` works on a copy of the incoming state dict and raises ``ValueError`` (naming both sides)
+before the optimizer is touched; ``finish`` runs after ``torch.optim.Optimizer.load_state_dict`` and
+only creates or drops the Win sequences of a converted acceleration mode.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._win import MODES, extra_state_keys
+
+#: Top-level key of the state dicts hf_win writes: which class saved it. Optional on load (the authors'
+#: code, older hf_win versions and wrappers that rebuild the dict do not have it).
+MARK = "hf_win"
+
+#: torch.optim state names -> ours, per torch class.
+_TORCH_RENAMES = {"SGD": {"momentum_buffer": "momentum"}, "Adam": {}, "AdamW": {}}
+#: How a step runs, not what it computes: for a torch state dict these come from this optimizer.
+_RUN_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+#: Group keys of torch.optim that hf_win does not have (checked, then dropped).
+_TORCH_ONLY_GROUP_KEYS = ("decoupled_weight_decay",)
+
+
+def checkpoint_name(cls) -> str:
+    """The name a class's checkpoints carry: the nearest class (itself or a parent) that defines its own
+    ``_direction``, i.e. whose state it keeps. A subclass that only changes defaults shares its parent's."""
+    for klass in cls.__mro__:
+        if "_direction" in vars(klass):
+            return klass.__name__
+    return cls.__name__
+
+
+def _torch_class(groups, states) -> Optional[str]:
+    keys = set().union(*(set(g) for g in groups)) if groups else set()
+    state_keys = set().union(*(set(s) for s in states.values())) if states else set()
+    if "momentum_buffer" in state_keys or {"momentum", "dampening", "nesterov"} <= keys:
+        return "SGD"
+    if {"betas", "amsgrad"} <= keys:
+        flags = {g.get("decoupled_weight_decay") for g in groups}
+        if flags == {True}:
+            return "AdamW"
+        if flags == {False}:
+            return "Adam"
+        return "Adam or AdamW"  # torch before decoupled_weight_decay was a group key: the same layout
+    return None
+
+
+def prepare(opt, state_dict: dict) -> Tuple[dict, List[str]]:
+    """A converted copy of ``state_dict`` for ``torch.optim.Optimizer.load_state_dict`` and the notes on
+    what was converted (empty: loaded as saved). Raises ``ValueError`` for what it refuses."""
+    target = checkpoint_name(type(opt))
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError(f"{target}.load_state_dict: expected a dict with 'state' and 'param_groups', got "
+                         f"{type(state_dict).__name__}{' with keys ' + str(sorted(state_dict)) if isinstance(state_dict, dict) else ''}")
+    saved_groups = [dict(g) for g in state_dict["param_groups"]]
+    states = {k: dict(v) for k, v in state_dict["state"].items()}
+    notes: List[str] = []
+    mark = state_dict.get(MARK)
+
+    if mark is not None:
+        source = mark.get("class")
+        if source != target:
+            raise ValueError(
+                f"{target}.load_state_dict: this state dict was saved by hf_win {source}, and this optimizer is "
+                f"{target}: {source}'s state does not mean the same here, so it is not converted. Resume it with "
+                f"{source} (state dicts of torch.optim's {', '.join(_TORCH_RENAMES)} are converted into "
+                f"the hf_win optimizer of the same name)"
+            )
+        describe = f"hf_win {source}"
+    elif saved_groups and all("acceleration_mode" in g for g in saved_groups):
+        describe = "a Win state dict without hf_win's class mark (the authors' code or an older hf_win)"
+    else:
+        torch_name = _torch_class(saved_groups, states)
+        accepted = getattr(opt, "_torch_sources", ())
+        if torch_name is None:
+            keys = sorted(set().union(*(set(g) for g in saved_groups)) - {"params"}) if saved_groups else []
+            state_keys = sorted(set().union(*(set(s) for s in states.values()))) if states else []
+            raise ValueError(
+                f"{target}.load_state_dict: this state dict is not from an hf_win optimizer nor from a "
+                f"torch.optim class it converts (param group keys {keys}, state keys {state_keys}); "
+                f"{target} converts {', '.join('torch.optim.' + s for s in accepted) or 'no torch.optim state dict'}"
+            )
+        ok = [s for s in accepted if s in torch_name.split(" or ")]
+        if not ok:
+            raise ValueError(
+                f"{target}.load_state_dict: this is a torch.optim.{torch_name} state dict; {target} converts "
+                f"{', '.join('torch.optim.' + s for s in accepted) or 'no torch.optim state dict'} only"
+                + (" (its weight decay is applied differently)" if "Adam" in torch_name else "")
+                + ". Build the hf_win optimizer of the same name to resume it"
+            )
+        renames = _TORCH_RENAMES[ok[0]]
+        converted = {}
+        for pid, st in states.items():
+            new = {}
+            for k, v in st.items():
+                k = renames.get(k, k)
+                if v is None:  # torch SGD without momentum keeps momentum_buffer=None
+                    continue
+                if k == "step":
+                    v = int(v.item()) if isinstance(v, Tensor) else int(v)
+                new[k] = v
+            if ok[0] == "SGD" and "momentum" in new:
+                new["step"] = 1  # torch's SGD counts no steps; SGD-Win's count only says the buffer exists
+            converted[pid] = new
+        states = converted
+        for g in saved_groups:
+            for k in _TORCH_ONLY_GROUP_KEYS:
+                g.pop(k, None)
+            for k in _RUN_FLAGS:
+                g.pop(k, None)
+        describe = f"torch.optim.{torch_name}"
+        notes.append(
+            f"converted a torch.optim.{torch_name} state dict: its {', '.join(sorted(set(renames.values())) or ['moments'])} "
+            f"and step counts are taken over, its hyper-parameters too (as torch loads them); "
+            f"acceleration_mode, reckless_steps, max_grad_norm and the run flags ({', '.join(_RUN_FLAGS)}) are "
+            f"this optimizer's, and the Win sequences start from the current parameters"
+        )
+
+    # Keys this optimizer has and the saved groups do not (older checkpoints, the authors' code, torch):
+    # this optimizer's, as torch's __setstate__ does for keys newer than a checkpoint.
+    if len(saved_groups) == len(opt.param_groups):
+        for i, (g, own) in enumerate(zip(saved_groups, opt.param_groups)):
+            for k, v in own.items():
+                if k not in g:
+                    g[k] = v
+            # the optimizer's mode decides the state layout: convert, never switch silently
+            if g["acceleration_mode"] != own["acceleration_mode"] and g["acceleration_mode"] in MODES:
+                notes.append(
+                    f"param group {i} was saved with acceleration_mode={g['acceleration_mode']!r} and this "
+                    f"optimizer was built with {own['acceleration_mode']!r}: kept the base optimizer's state, "
+                    + _mode_change(g["acceleration_mode"], own["acceleration_mode"])
+                )
+                g["acceleration_mode"] = own["acceleration_mode"]
+            for k in opt._global_keys:
+                if k in g and g[k] != opt.defaults.get(k):
+                    notes.append(
+                        f"param group {i} was saved with {k}={g[k]!r}; {k} is one value for the whole optimizer "
+                        f"(the gradient clipping), this optimizer's {opt.defaults.get(k)!r} is kept"
+                    )
+                    g[k] = opt.defaults.get(k)
+            for k in ("betas", "reckless_steps"):
+                if isinstance(g.get(k), list):
+                    g[k] = tuple(g[k])
+            opt._validate_group(g, where=f" (param group {i} of the loaded state dict, {describe})")
+    _check_states(opt, target, describe, saved_groups, states)
+    out = {k: v for k, v in state_dict.items() if k != MARK}
+    out["param_groups"] = saved_groups
+    out["state"] = states
+    return out, notes
+
+
+def _mode_change(old: str, new: str) -> str:
+    keep = [k for k in extra_state_keys(new) if k in extra_state_keys(old)]
+    start = [k for k in extra_state_keys(new) if k not in extra_state_keys(old)]
+    drop = [k for k in extra_state_keys(old) if k not in extra_state_keys(new)]
+    parts = []
+    if keep:
+        parts.append(f"kept {', '.join(keep)}")
+    if start:
+        parts.append(f"{', '.join(start)} start{'s' if len(start) == 1 else ''} from the current parameters")
+    if drop:
+        parts.append(f"dropped {', '.join(drop)}")
+    return "; ".join(parts)
+
+
+def _check_states(opt, target, describe, groups, states) -> None:
+    """Every stepped parameter must have all of the base optimizer's buffers, shaped like it, and nothing
+    this optimizer does not keep: a missing buffer would otherwise start from zeros mid-run."""
+    if len(groups) != len(opt.param_groups):
+        return  # torch.optim.Optimizer.load_state_dict raises for this
+    for g, own in zip(groups, opt.param_groups):
+        if len(g["params"]) != len(own["params"]):
+            return  # likewise
+        base = set(opt._state_keys(g))
+        allowed = base | {"step"} | set(extra_state_keys(g["acceleration_mode"])) | {"x", "y"}
+        for pid, p in zip(g["params"], own["params"]):
+            st = states.get(pid)
+            if not st:
+                continue
+            unknown = sorted(set(st) - allowed, key=str)
+            if unknown:
+                raise ValueError(
+                    f"{target}.load_state_dict: the state of a parameter in {describe} holds {unknown}, which "
+                    f"{target} does not keep (it keeps {sorted(allowed)}): it was saved by another optimizer "
+                    f"(or with other options, e.g. amsgrad)"
+                )
+            missing = sorted(base - set(st))
+            if missing:
+                raise ValueError(
+                    f"{target}.load_state_dict: the state of a stepped parameter in {describe} has no {missing}, "
+                    f"which {target} needs with these options (e.g. amsgrad={g.get('amsgrad')}); it was saved by "
+                    f"another optimizer or with other options"
+                )
+            for k, v in st.items():
+                if isinstance(v, Tensor) and k != "step" and v.shape != p.shape:
+                    raise ValueError(
+                        f"{target}.load_state_dict: state {k!r} has shape {tuple(v.shape)} for a parameter of "
+                        f"shape {tuple(p.shape)}: the state dict belongs to other parameters"
+                    )
+
+
+@torch.no_grad()
+def finish(opt) -> None:
+    """After loading: the Win sequences of each group's mode exist for every stepped parameter (a
+    converted mode starts the missing ones from the current parameters) and no others remain."""
+    for group in opt.param_groups:
+        wanted = extra_state_keys(group["acceleration_mode"])
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if not st:
+                continue
+            for k in ("x", "y"):
+                if k in wanted and k not in st:
+                    st[k] = p.detach().clone(memory_format=torch.preserve_format)
+                elif k not in wanted and k in st:
+                    del st[k]
