@@ -42,12 +42,9 @@ class AdamW(WinOptimizer):
             Under the Hugging Face Trainer leave it at 0 and use ``--max_grad_norm``.
         acceleration_mode: ``"win"`` (default), ``"win2"`` or ``"none"``.
         foreach: multi-tensor (True), per-tensor (False) or automatic (None).
-        fused: one fused loop per step (True): on CPU a C kernel generated from this code
-            (``hf_win/optim/_ckernel.py``, built by the C compiler in well under a second and cached on
-            disk), elsewhere (and for what that kernel cannot express) ``torch.compile``
-            (``hf_win/optim/_fused.py``: seconds to compile). None (default): that CPU kernel when
-            ``foreach`` is None too and it can be built, else ``foreach``; never ``torch.compile``.
-            False: ``foreach``.
+        fused: the step as one generated kernel per param group (C on CPU, Triton on CUDA; see
+            ``hf_win/optim/kernels``). None (default): that kernel when ``foreach`` is None too and one
+            applies, else foreach; True: the kernel, with a warning when it falls back; False: foreach.
         maximize: maximize the objective instead of minimizing it (default False), as in
             ``torch.optim.AdamW``: the step uses ``-grad`` (``p.grad`` itself is not changed).
         capturable, differentiable: accepted at torch's default (False) so that code written for
