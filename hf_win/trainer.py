@@ -12,7 +12,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ._compat import CheckpointNamesMixin, OptimizerResumeLogMixin
 from .optim import WinOptimizer, check_partitioned
@@ -59,6 +59,26 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+class _StepPathLogger(TrainerCallback):
+    """After the first optimizer step, log the path each param group actually took (the train-start line
+    says which it will take): a kernel, or foreach with the reason of the fallback."""
+
+    def __init__(self, trainer):
+        self.trainer, self.done = trainer, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.done:
+            return
+        self.done = True
+        inner = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        if isinstance(inner, WinOptimizer):
+            path = inner.step_path()
+            summary = getattr(self.trainer, "win_optimizer_summary", None)
+            if summary is not None:
+                summary["step_path_taken"] = path
+            logger.info("hf_win optimizer: the first step took: %s", path)
+
+
 class WinTrainer(OptimizerResumeLogMixin, CheckpointNamesMixin, Trainer):
     """``transformers.Trainer`` with the Win optimizers. Same arguments, same parameter groups (no weight
     decay on biases and norm weights), same checkpoint files.
@@ -76,6 +96,7 @@ class WinTrainer(OptimizerResumeLogMixin, CheckpointNamesMixin, Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_fsdp_enabled()
+        self.add_callback(_StepPathLogger(self))
 
     def _check_fsdp_enabled(self) -> None:
         """``--fsdp`` (or ``accelerate launch`` with an FSDP config) must not be dropped silently. Accelerate

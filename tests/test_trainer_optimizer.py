@@ -66,12 +66,17 @@ def test_every_registry_optimizer_trains_under_trainer(tmp_path, name, mode, cap
         assert extra <= keys and (mode == "win2" or "y" not in keys) and (mode != "none" or "x" not in keys)
 
     # Logged once at train start: name, mode, reckless steps, state memory.
-    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hf_win optimizer:")]
+    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hf_win optimizer:")
+            and "first step took" not in r.getMessage()]
     assert len(msgs) == 1
     assert name in msgs[0] and f"acceleration_mode={mode}" in msgs[0] and "(2.0, 8.0)" in msgs[0]
     assert trainer.win_optimizer_summary["state_bytes"] == opt.state_bytes()
     # and the path the steps take: on CPU with no path flags, the C kernel (tests/test_kernels.py)
     assert msgs[0].endswith("step: c kernel")
+    # and, after the first step, the path the steps actually took
+    taken = [r.getMessage() for r in caplog.records if "first step took" in r.getMessage()]
+    assert taken == ["hf_win optimizer: the first step took: c kernel"]
+    assert trainer.win_optimizer_summary["step_path_taken"] == opt.step_path() == "c kernel"
 
 
 def test_plain_trainer_with_optimizer_cls_and_kwargs_gives_the_same_optimizer_and_result(tmp_path):

@@ -373,6 +373,9 @@ class WinOptimizer(torch.optim.Optimizer):
                 taken = [self._eager_path(group, params)]
                 if wants is not None and params:
                     backend, why = kernels.backend_for(params[0].device)
+                    if backend == "c":
+                        why = kernels.c_compiler_missing()
+                        backend = None if why else backend
                     taken = [f"{backend} kernel" if backend else f"{taken[0]} ({why})"]
             for path in taken:
                 if path not in paths:

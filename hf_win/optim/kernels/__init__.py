@@ -87,6 +87,17 @@ def backend_for(device: torch.device) -> Tuple[Optional[str], str]:
     return None, f"no kernel for {device.type} tensors"
 
 
+def c_compiler_missing() -> str:
+    """Why no C kernel can be built here ('' when a compiler is found)."""
+    from . import cache
+
+    try:
+        cache.compiler()
+    except KernelUnavailable as e:
+        return str(e)
+    return ""
+
+
 def _build(backend: str, prog, dtypes, rounding):
     if backend == "c":
         from .c import CKernel

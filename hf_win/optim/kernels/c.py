@@ -24,7 +24,7 @@ from typing import List, Sequence
 import torch
 
 from . import cache
-from .ir import Program, Unsupported, schedule
+from .ir import Program, Unsupported, exact_arrays, schedule
 
 __all__ = ["emit", "CKernel", "ELEMENT_TYPES"]
 
@@ -112,7 +112,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
         if d not in ELEMENT_TYPES:
             raise Unsupported(f"dtype {d} in the C kernel (float32, float64 and bfloat16 are supported)")
     ct = "double" if dtypes[0] == torch.float64 else "float"
-    stages = schedule(prog)
+    stages = schedule(prog, exact_arrays(dtypes))
     A, K, NR = len(dtypes), len(prog.operands), prog.n_reductions
     sr_arrays = [a for a in range(A) if rounding[a]]
     out = [_PRELUDE, f"#define NRED {max(NR, 1)}",

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Unsupported", "SymScalar", "Program", "trace", "schedule", "flatten_group"]
+__all__ = ["Unsupported", "SymScalar", "Program", "trace", "schedule", "flatten_group", "compute_dtype", "exact_arrays"]
 
 
 class Unsupported(Exception):
@@ -483,24 +483,79 @@ class Stage:
         self.tscalars: List[int] = []
 
 
-def schedule(prog: Program) -> List[Stage]:
-    """Split the program at its reductions. A stage computes what its roots (its reductions; in the last
-    stage, the stored values) need; a value is loaded when it is an array's unmodified content and
-    otherwise recomputed from its definition. Stores all happen in the last stage, so no stage ever needs
-    a value that memory no longer holds."""
+def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """Arithmetic is in float64 for float64 parameters, else in float32."""
+    return torch.float64 if dtypes[0] == torch.float64 else torch.float32
+
+
+def exact_arrays(dtypes: Sequence[torch.dtype]) -> List[int]:
+    """The arrays stored in the compute dtype (a reload gives a stored value back exactly)."""
+    ct = compute_dtype(dtypes)
+    return [a for a, d in enumerate(dtypes) if d == ct]
+
+
+def _refs(expr, out: set) -> set:
+    """The value ids an expression reads directly."""
+    if expr[0] == "v":
+        out.add(expr[1])
+    elif expr[0] not in ("k", "c", "t"):
+        for a in expr[1:]:
+            _refs(a, out)
+    return out
+
+
+def schedule(prog: Program, exact: Sequence[int] = ()) -> List[Stage]:
+    """Split the program at its reductions. A stage computes what its roots need (its reductions; the
+    stored values): a value is loaded when memory holds it, else recomputed from its definition.
+
+    Stores happen in the last stage, except for an array in ``exact`` (stored in the compute dtype, so a
+    reload gives the value back exactly) whose final value is complete before a reduction and whose old
+    content no later stage needs: that one is stored in the stage that completes it, and later stages load
+    it instead of recomputing it (LAMB: the moments are written by the stage that computes the norms, and
+    the last stage reads them rather than the gradient)."""
     defs = {vid: expr for kind, vid, expr in (s for s in prog.stmts if s[0] == "let")}
     load_of = {vid: a for a, vid in prog.loads.items()}
-    # stage boundaries: after each reduction statement
+    # stages: a new one starts at the first statement after a reduction
     red_groups: List[List[Tuple[int, int]]] = [[]]
+    stage_of: Dict[int, int] = {}
+    direct: List[set] = [set()]  # value ids each stage's statements and reductions read directly
     for s in prog.stmts:
         if s[0] == "reduce":
             red_groups[-1].append((s[1], s[2]))
-        elif red_groups[-1]:
+            direct[-1].add(s[2])
+            continue
+        if red_groups[-1]:
             red_groups.append([])
+            direct.append(set())
+        stage_of[s[1]] = len(red_groups) - 1
+        _refs(s[2], direct[-1])
     if red_groups[-1]:
         red_groups.append([])
+        direct.append(set())
+    last = len(red_groups) - 1
+    direct[last] |= set(prog.final.values())
+
+    early: Dict[int, Tuple[int, int]] = {}  # array -> (stage, value) stored early
+    for a, vid in prog.final.items():
+        s0 = stage_of.get(vid)
+        if a not in exact or s0 is None or s0 == last:
+            continue
+        # what later stages read, recomputed down to what memory holds: must not need a's old content
+        todo = [v for t in range(s0 + 1, last + 1) for v in direct[t] if v != vid]
+        closure: set = set()
+        while todo:
+            v = todo.pop()
+            if v in closure or v == vid:
+                continue
+            closure.add(v)
+            if v in defs and stage_of.get(v, last) <= s0:
+                todo.extend(_refs(defs[v], set()))
+        if prog.loads[a] not in closure:
+            early[a] = (s0, vid)
+
     stages = []
     done_reductions: set = set()
+    held: Dict[int, int] = {}  # value id -> array that holds it in memory (stored early)
     for si, reductions in enumerate(red_groups):
         st = Stage()
         seen: set = set()
@@ -525,7 +580,9 @@ def schedule(prog: Program) -> List[Stage]:
                 if vid in seen:
                     return
                 seen.add(vid)
-                if vid in load_of:
+                if vid in held:
+                    st.loads.append((held[vid], vid))
+                elif vid in load_of:
                     st.loads.append((load_of[vid], vid))
                 else:
                     e = defs[vid]
@@ -540,14 +597,19 @@ def schedule(prog: Program) -> List[Stage]:
         for r, vid in reductions:
             need(("v", vid))
             st.reductions.append((r, vid))
-        last = si == len(red_groups) - 1
-        if last:
-            for a, vid in sorted(prog.final.items()):
+        for a, (s0, vid) in sorted(early.items()):
+            if s0 == si:
                 need(("v", vid))
                 st.stores.append((a, vid))
+        if si == last:
+            for a, vid in sorted(prog.final.items()):
+                if a not in early:
+                    need(("v", vid))
+                    st.stores.append((a, vid))
         st.loads.sort()
         st.lets.sort()
         st.tscalars.sort()
         stages.append(st)
         done_reductions.update(r for r, _ in reductions)
+        held.update({vid: a for a, (s0, vid) in early.items() if s0 == si})
     return stages

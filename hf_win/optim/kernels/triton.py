@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ir import Program, Unsupported, schedule
+from .ir import Program, Unsupported, exact_arrays, schedule
 
 __all__ = ["emit", "TritonKernel"]
 
@@ -94,7 +94,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
              "@triton.jit", "def _fmix32(h):",
              f"    h = h ^ (h >> 16)", f"    h = (h * 0x85EBCA6B) & {_M}", f"    h = h ^ (h >> 13)",
              f"    h = (h * 0xC2B2AE35) & {_M}", "    return h ^ (h >> 16)", ""]
-    for si, st in enumerate(schedule(prog)):
+    for si, st in enumerate(schedule(prog, exact_arrays(dtypes))):
         stored = {a for a, _ in st.stores}
         body = [f"@triton.jit",
                 f"def stage{si}(PTRS, NUMEL, KEYS, SC, BT, BS, PART, RED, NRED: tl.constexpr, BLOCK: tl.constexpr):",
@@ -166,7 +166,7 @@ class TritonKernel:
     def __init__(self, prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool]):
         self.source = emit(prog, dtypes, rounding)
         ns = _load_source(self.source)
-        self.stages = [(ns[f"stage{i}"], st) for i, st in enumerate(schedule(prog))]
+        self.stages = [(ns[f"stage{i}"], st) for i, st in enumerate(schedule(prog, exact_arrays(dtypes)))]
         self.reduce = ns["reduce_blocks"]
         self.nred = max(prog.n_reductions, 1)
         self.has_reductions = prog.n_reductions > 0
@@ -187,12 +187,22 @@ class TritonKernel:
             self._tables[key] = t
         return t
 
+    def _cached(self, key: tuple, values: List[int], device) -> torch.Tensor:
+        """An int64 device copy of ``values``, reused while the addresses do not change (replaced
+        storage gives new addresses, hence a new table)."""
+        t = self._tables.get(key)
+        if t is None:
+            if len(self._tables) > 32:
+                self._tables.clear()
+            t = self._tables[key] = torch.tensor(values, dtype=torch.int64).to(device)
+        return t
+
     def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device) -> None:
         bt, bs, first, numel, n_blocks = self._blocks(numels, device)
         if n_blocks == 0:
             return
-        table = torch.tensor(ptrs, dtype=torch.int64).to(device)
-        kid = torch.tensor(keys, dtype=torch.int64).to(device)
+        table = self._cached(("ptrs", tuple(ptrs), str(device)), ptrs, device)
+        kid = self._cached(("keys", tuple(keys), str(device)), keys, device)
         sc = torch.tensor(scalars or [0.0], dtype=torch.float64).to(device)
         part = torch.empty(n_blocks * self.nred if self.has_reductions else 1, dtype=torch.float64, device=device)
         red = torch.empty(len(numels) * self.nred if self.has_reductions else 1, dtype=torch.float64, device=device)
