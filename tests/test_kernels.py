@@ -405,3 +405,21 @@ def test_cc_with_arguments_builds(monkeypatch):
     p.grad = torch.ones_like(p)
     opt.step()
     assert opt.step_path() == "c kernel"
+
+
+def test_triton_block_table_addresses_tensors_past_2_31_elements():
+    """Offsets are int64 end to end: the block table of a tensor of 2^31 + 5 elements reaches its end
+    (the kernel adds ``tl.arange`` to these int64 starts)."""
+    from hf_win.optim.kernels import ir
+    from hf_win.optim.kernels.triton import BLOCK, TritonKernel
+
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = hf_win.AdamW([p])
+    group = opt.param_groups[0]
+    traced = ir.trace(opt._step_fn, group, opt._arrays(group), 1, None)
+    kernel = TritonKernel(traced.prog, [torch.float32] * 5, [False] * 5)
+    n = 2**31 + 5
+    bt, bs, first, numel, n_blocks = kernel._blocks([n, 3], "cpu")
+    assert bs.dtype == torch.int64 and n_blocks == (n + BLOCK - 1) // BLOCK + 1
+    assert int(bs[n_blocks - 2]) + BLOCK >= n > int(bs[n_blocks - 2]) >= 2**31
+    assert int(bt[n_blocks - 1]) == 1 and int(bs[n_blocks - 1]) == 0 and first.tolist() == [0, n_blocks - 1, n_blocks]
