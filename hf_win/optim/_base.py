@@ -64,17 +64,25 @@ def _dense(t: Tensor) -> bool:
     return all(st >= 0 for st in t.stride()) and span == t.numel()
 
 
+def _strides(t: Tensor) -> tuple:
+    """The strides that matter for the order of elements in memory (those of dimensions of size > 1)."""
+    return tuple(st for s, st in zip(t.shape, t.stride()) if s > 1)
+
+
 def _kernel_eligible(ts) -> str:
     """Why the tensors of one parameter (param, grad, state) cannot go to a kernel, or ''."""
     p = ts[0]
     if type(p) not in (Tensor, torch.nn.Parameter) or p.layout != torch.strided:
         return f"{type(p).__name__} parameters (no single local storage) are not fused"
+    shape, device = p.shape, p.get_device()
+    if all(t.is_contiguous() and t.shape == shape and t.get_device() == device for t in ts):
+        return "" if p.numel() else "empty parameters are not fused"  # the common case, checked fast
     if p.numel() == 0:
         return "empty parameters are not fused"
     for t in ts:
         if t.device != p.device or t.shape != p.shape:
             return "a gradient or state tensor whose device or shape differs from its parameter's is not fused"
-        if t.stride() != p.stride() or not _dense(t):
+        if _strides(t) != _strides(p) or not _dense(t):
             return ("tensors whose parameter, gradient and state differ in memory layout (e.g. channels_last "
                     "parameters with contiguous gradients) or have gaps are not fused")
     return ""
@@ -454,7 +462,8 @@ class WinOptimizer(torch.optim.Optimizer):
         steps = [group["step"]] * len(params) if group_step else [s["step"] for s in states]
         keys = self._arrays(group)[2:]
         # Complex parameters are stepped through their real views (as torch.optim does).
-        arrays = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] for p, g, s in zip(params, grads, states)]
+        arrays = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] if p.is_complex() else [p, g, *(s[k] for k in keys)]
+                  for p, g, s in zip(params, grads, states)]
 
         taken = []
         rest = list(range(len(params)))
