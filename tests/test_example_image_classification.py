@@ -19,7 +19,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "examples" / "image_classification" / "run_image_classification.py"
+EXAMPLES = ROOT / "examples" / "image_classification"
+SCRIPT = EXAMPLES / "run_image_classification.py"
 CONFIGS = ROOT / "configs"
 RECIPES = sorted(glob.glob(str(CONFIGS / "*.yaml")))
 TINY = ("image_size=16,patch_size=8,hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32,"
@@ -34,6 +35,12 @@ def ric():
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def utils(ric):
+    """The module both example scripts share (imported by the Trainer script)."""
+    return sys.modules["image_classification_utils"]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +137,7 @@ def _param_group_of(optimizer, param):
 
 
 @pytest.mark.parametrize("recipe", [os.path.basename(p) for p in RECIPES])
-def test_recipe_parses_and_builds_its_optimizer(ric, image_folder, tmp_path, recipe):
+def test_recipe_parses_and_builds_its_optimizer(ric, utils, image_folder, tmp_path, recipe):
     from hf_win import get_optimizer_spec
 
     path = str(CONFIGS / recipe)
@@ -151,7 +158,7 @@ def test_recipe_parses_and_builds_its_optimizer(ric, image_folder, tmp_path, rec
 
     model, processor = ric.build_model(model_args, list(CLASSES), training_args)
     assert list(processor.image_mean) == raw["image_mean"]
-    n_drop = sum(isinstance(m, ric.DropPath) for m in model.modules())
+    n_drop = sum(isinstance(m, utils.DropPath) for m in model.modules())
     assert n_drop == (2 if raw["drop_path_rate"] > 0 else 0)
     trainer = ric.ImageClassificationTrainer(
         model=model, args=training_args, batch_augment=torch.nn.Identity(), eval_dataset=[{}],
@@ -199,11 +206,11 @@ def test_distributed_configs_parse():
         assert "optimizer" not in ds  # the optimizer is the Trainer's (Win), not one of DeepSpeed's
 
 
-def test_batch_augment_targets(ric):
+def test_batch_augment_targets(utils):
     """Soft targets: label smoothing as timm's mixup_target, rows sum to 1, mixing pairs the batch with its
     reverse, cutmix's lam is the true area of the box."""
-    aug = ric.AugmentationArguments(mixup_alpha=0.0, cutmix_alpha=1.0)
-    ba = ric.BatchAugment([0.5] * 3, [0.5] * 3, 4, aug, label_smoothing=0.2)
+    aug = utils.AugmentationArguments(mixup_alpha=0.0, cutmix_alpha=1.0)
+    ba = utils.BatchAugment([0.5] * 3, [0.5] * 3, 4, aug, label_smoothing=0.2)
     labels = torch.tensor([0, 1, 2, 3, 1, 0])
     t = ba.soft_targets(labels)
     assert torch.allclose(t.sum(1), torch.ones(6))
@@ -224,11 +231,11 @@ def test_batch_augment_targets(ric):
     assert float(from_other[2]) == pytest.approx(1 - lam, abs=1e-6)
 
 
-def test_random_resized_crop_box_in_bounds(ric):
+def test_random_resized_crop_box_in_bounds(utils):
     torch.manual_seed(0)
     for h, w in ((8, 8), (30, 12), (5, 40)):
         for _ in range(50):
-            top, left, ch, cw = ric.random_resized_crop_box(h, w, (0.08, 1.0), (3 / 4, 4 / 3))
+            top, left, ch, cw = utils.random_resized_crop_box(h, w, (0.08, 1.0), (3 / 4, 4 / 3))
             assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
 
 
