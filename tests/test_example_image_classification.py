@@ -84,6 +84,8 @@ def test_image_folder_end_to_end(ric, image_folder, tmp_path):
     config = json.load(open(out / "config.json"))
     assert sorted(config["label2id"]) == list(CLASSES)
     assert json.load(open(out / "trainer_state.json"))["global_step"] == 3
+    card = (out / "README.md").read_text()
+    assert "- acceleration_mode: win\n" in card and "lamb_win (hf_win.LAMB)" in card
 
 
 def test_pretrained_checkpoint_is_loaded(ric, image_folder, tmp_path):

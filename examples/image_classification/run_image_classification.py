@@ -180,6 +180,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
+    card = {"tasks": "image-classification", "finetuned_from": model_args.model_name_or_path,
+            "dataset": data_args.dataset_name or ("digits" if default_data else data_args.train_dir)}
+    trainer.create_model_card(**{k: v for k, v in card.items() if v})  # says which Win ran (mode, reckless steps)
     if trainer.is_world_process_zero():
         n_eval = None if data_args.streaming or eval_ds is None else len(eval_ds)
         summary = [f"optimizer {training_args.optim} ({getattr(training_args, 'acceleration_mode', '-')})"]
