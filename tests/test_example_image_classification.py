@@ -6,7 +6,6 @@ it names with its hyper-parameters; bad input gets one clear line.
 """
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+from example_testing import load_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "image_classification"
@@ -31,11 +32,7 @@ CLASSES = ("bird", "cat", "dog")  # the classes of conftest's image_folder
 
 @pytest.fixture(scope="module")
 def ric():
-    spec = importlib.util.spec_from_file_location("run_image_classification", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ on); 1 process = 2 processes under ``torchrun`` and ``accelerate launch`` (CPU, 
 with a tiny ResNet reports top-1/top-5; bad input is one line before anything is built.
 """
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
 import launch  # noqa: E402
+
+from example_testing import load_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "image_classification" / "run_image_classification_no_trainer.py"
@@ -28,11 +29,7 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def nt():
-    spec = importlib.util.spec_from_file_location("run_image_classification_no_trainer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def _run(nt, argv):
