@@ -10,16 +10,17 @@ import types
 
 import pytest
 import torch
+import transformers  # noqa: F401  (imported before the stand-in exists: it must see no torchvision)
 
 import torchvision_standin
 
-torchvision_standin.install()
-timm = pytest.importorskip("timm")
-timm_optim = pytest.importorskip("timm.optim")
-if not hasattr(timm_optim, "OptimInfo"):
-    pytest.skip("timm < 1.0.12 has no optimizer registry", allow_module_level=True)
+with torchvision_standin.installed():
+    timm = pytest.importorskip("timm")
+    timm_optim = pytest.importorskip("timm.optim")
+    if not hasattr(timm_optim, "OptimInfo"):
+        pytest.skip("timm < 1.0.12 has no optimizer registry", allow_module_level=True)
+    import hf_win.timm as hf_win_timm
 
-import hf_win.timm as hf_win_timm  # noqa: E402
 from hf_win.registry import OPTIMIZERS  # noqa: E402
 
 NAMES = [(f"{name[:-4]}-{mode}", name, mode) for name in OPTIMIZERS for mode in ("win", "win2")]

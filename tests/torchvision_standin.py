@@ -3,13 +3,15 @@
 timm imports torchvision at import time (``torchvision.ops.misc.FrozenBatchNorm2d`` in ``timm.layers``, the
 transforms and datasets in ``timm.data``), but the optimizer factory these tests exercise uses none of it. PyPI's
 torchvision wheels are built against one torch release and do not import beside the project's CPU torch wheel,
-so where ``import torchvision`` fails, :func:`install` puts placeholder modules in ``sys.modules``: every name
-they are asked for is a placeholder class that raises if it is ever instantiated or called. Nothing in hf_win
-uses this; it is never installed when the real torchvision imports.
+so where ``import torchvision`` fails, :func:`installed` puts placeholder modules in ``sys.modules`` while timm
+is imported, and takes them out again (others, e.g. transformers' ``is_torchvision_available()``, must keep
+seeing no torchvision): every name they are asked for is a placeholder class that raises if it is ever
+instantiated or called. Nothing in hf_win uses this; it is never installed when the real torchvision imports.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -39,15 +41,18 @@ class _Module(types.ModuleType):
         return _placeholder(f"{self.__name__}.{name}")
 
 
-def install() -> bool:
-    """Install the stand-in if the real torchvision does not import; True if it was installed."""
+@contextlib.contextmanager
+def installed():
+    """Within the block, ``import torchvision`` gives the stand-in if the real one does not import. Yields True
+    if the stand-in was installed."""
     try:
         import torchvision  # noqa: F401
 
-        return False
+        yield False
+        return
     except Exception:  # ImportError, or the RuntimeError of a torchvision built for another torch
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
+        pass
+    _remove()
     for name in MODULES:
         module = _Module(name)
         module.__path__ = []  # a package, so submodules resolve
@@ -56,4 +61,12 @@ def install() -> bool:
         parent, _, child = name.rpartition(".")
         if parent:
             setattr(sys.modules[parent], child, module)
-    return True
+    try:
+        yield True
+    finally:
+        _remove()
+
+
+def _remove():
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
