@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Write the paper's ViT ImageNet recipes as argument files for run_image_classification.py.
+"""Write the paper's ImageNet recipes as argument files for run_image_classification.py.
 
     python configs/make_paper_configs.py paper_imagenet_runs.json configs/
 
 The input is the list of every ImageNet-1k run published with the Win paper (timm argument names, top-1 read
-from each run's log). Only the ViT runs (DeiT-S/16 and DeiT-B/16) are written: the example trains ViTs.
-Each file says, in comments, how every timm argument was translated and what could not be.
+from each run's log): ViT-S/16 and ViT-B/16 (DeiT), ResNet-50 and ResNet-101, each with four base optimizers
+and Win / Win2. Each file says, in comments, how every timm argument was translated and what could not be.
 Run by the developers when the recipes change; nothing reads the JSON at run time.
 """
 
@@ -16,6 +16,11 @@ import sys
 VIT = {
     "deit_small_patch16_224": ("vit_small", "ViT-S/16 (DeiT-S)", dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)),
     "deit_base_patch16_224": ("vit_base", "ViT-B/16 (DeiT-B)", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
+}
+# transformers' ResNetConfig: bottleneck blocks, stride in the 3x3 convolution (ResNet v1.5, timm's resnet50/101).
+RESNET = {
+    "resnet50": ("resnet50", "ResNet-50", [3, 4, 6, 3]),
+    "resnet101": ("resnet101", "ResNet-101", [3, 4, 23, 3]),
 }
 OPT = {"adam-win": "adam_win", "adamw-win": "adamw_win", "lamb-win": "lamb_win", "sgd-win": "sgd_win", "sgd2": "sgd_win"}
 # The authors' optimizers' default eps (timm passes none when --opt-eps is unset).
@@ -56,26 +61,42 @@ def parse_aa(aa):
     return out
 
 
+def label_of(model):
+    return (VIT.get(model) or RESNET[model])[1]
+
+
 def recipe(run):
-    short, label, dims = VIT[run["model"]]
+    vit = run["model"] in VIT
+    short, label = (VIT.get(run["model"]) or RESNET[run["model"]])[:2]
     optim = OPT[run["opt"]]
     mode = run["acceleration_mode"]
     name = f"{short}_{optim}_{mode}"
     total_epochs = run["epochs"] + run["cooldown_epochs"]
     aa = parse_aa(run["aa"])
-    overrides = dict(image_size=224, patch_size=16, **dims, layer_norm_eps=1e-6, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, qkv_bias=True)
     lines = []   # (key, value, comment)
     notes = []
     A = lambda k, v, c="": lines.append((k, v, c))
-    A("model_type", "vit", f"timm --model {run['model']}, trained from scratch")
-    A("config_overrides", ",".join(f"{k}={fmt(v)}" for k, v in overrides.items()), "DeiT dimensions; timm's LayerNorm eps 1e-6")
+    if vit:
+        overrides = dict(image_size=224, patch_size=16, **VIT[run["model"]][2], layer_norm_eps=1e-6,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, qkv_bias=True)
+        A("model_type", "vit", f"timm --model {run['model']}, trained from scratch")
+        A("config_overrides", ",".join(f"{k}={fmt(v)}" for k, v in overrides.items()), "DeiT dimensions; timm's LayerNorm eps 1e-6")
+    else:
+        overrides = dict(layer_type="bottleneck", embedding_size=64, hidden_sizes=[256, 512, 1024, 2048],
+                         depths=RESNET[run["model"]][2], downsample_in_bottleneck=False)
+        A("model_type", "resnet", f"timm --model {run['model']}, trained from scratch")
+        A("config_overrides", ",".join(f"{k}={fmt(v).replace(' ', '')}" for k, v in overrides.items()),
+          f"{label}: bottleneck blocks, stride in the 3x3 convolution (v1.5, as timm's)")
+        A("image_size", 224)
+        A("zero_init_residual", True, "timm's ResNet default (zero_init_last): each block starts as the identity")
+        A("channels_last", False, "timm --channels-last (not recorded in the runs; same results, faster on GPUs)")
     A("image_mean", IMAGENET_MEAN, "timm's ImageNet normalisation")
     A("image_std", IMAGENET_STD)
-    A("drop_path_rate", run["drop_path"], "--drop-path")
+    A("drop_path_rate", run["drop_path"], "--drop-path" + ("" if vit else " (on each block's residual branch)"))
+    no_decay = "position embeddings, class token" if vit else "i.e. biases and BatchNorm weights"
     A("weight_decay_filter", "all" if run["bias_decay"] else "timm",
       f"bias_decay={fmt(run['bias_decay'])}: " + ("decay on every parameter" if run["bias_decay"]
-                                                   else "no decay on 1-d parameters, position embeddings, class token"))
+                                                   else f"no decay on 1-d parameters, {no_decay}"))
     A("dataset_name", "ILSVRC/imagenet-1k", "or --train_dir/--validation_dir (ImageNet folders) on the command line")
     A("optim", optim, f"--opt {run['opt']}")
     A("acceleration_mode", mode)
@@ -124,10 +145,18 @@ def recipe(run):
                      "not expressed: kornia's RandAugment uses a fixed magnitude and its own op ranges")
     A("random_resized_crop_scale", [0.08, 1.0], "timm's default --scale")
     A("horizontal_flip_prob", 0.5, "timm's default --hflip")
-    A("interpolation", "bicubic", "DeiT's interpolation")
+    if vit:
+        A("interpolation", "bicubic", "DeiT's interpolation")
+    else:
+        A("interpolation", "bicubic", "timm's ResNet-50/101 (their default_cfg)")
     if run["train_interpolation"] == "random":
         notes.append("--train-interpolation random (bilinear or bicubic per image) is not expressed: bicubic")
-    A("eval_crop_pct", 0.875, "DeiT's crop_pct: resize to 256, center-crop 224")
+    if vit:
+        A("eval_crop_pct", 0.875, "DeiT's crop_pct: resize to 256, center-crop 224")
+    else:
+        A("eval_crop_pct", 0.95, "timm's ResNet crop_pct (the runs set none): resize to 236, center-crop 224")
+        notes.append("the evaluation crop_pct is timm's ResNet default (0.95 since timm 0.5; 0.875 before); the "
+                     "timm version of the runs is not recorded")
     if run["reprob"]:
         notes.append(f"--reprob {run['reprob']} (random erasing) is not expressed")
     if run["model_ema"]:
@@ -160,12 +189,10 @@ def main(src, out):
     runs = json.load(open(src))["runs"]
     table = []
     for run in runs:
-        if run["model"] not in VIT:
-            continue
         name, text, r, run = recipe(run)
         with open(os.path.join(out, name + ".yaml"), "w") as f:
             f.write(text)
-        table.append((name, VIT[run["model"]][1], run["opt"], run["acceleration_mode"], r))
+        table.append((name, label_of(run["model"]), run["opt"], run["acceleration_mode"], r))
     table.sort()
     print("| file | model | optimizer | mode | published top-1 (final) | best top-1 | top-5 (final) |")
     print("|---|---|---|---|---|---|---|")

@@ -21,6 +21,12 @@ converted: another acceleration_mode, a torch.optim checkpoint; see ``WinOptimiz
 Private API used here: ``transformers.core_model_loading.revert_weight_conversion`` and the Trainer
 methods ``_load_from_checkpoint``, ``_load_best_model``, ``_issue_warnings_after_load``,
 ``_load_optimizer_and_scheduler`` (overridden in ``hf_win.trainer.WinTrainer``).
+
+Also here: ``model_card_hyperparameters``. ``Trainer.create_model_card`` lists the hyper-parameters that
+``transformers.modelcard.extract_hyperparameters_from_trainer`` reads from the arguments, whose optimizer line
+knows only ``optim``, the betas, eps and ``optim_args``: a Win and a Win2 run got the same card. The context
+manager wraps that module function for one ``create_model_card`` call so the card also says what
+``WinTrainer`` adds (acceleration mode, reckless steps).
 """
 
 from __future__ import annotations
@@ -31,9 +37,28 @@ from typing import Dict, List, Set
 
 import torch
 
-__all__ = ["checkpoint_key_mapping", "mapped_state_dict_loading", "LoadReport", "OptimizerResumeLogMixin"]
+__all__ = ["checkpoint_key_mapping", "mapped_state_dict_loading", "LoadReport", "OptimizerResumeLogMixin",
+           "model_card_hyperparameters"]
 
 logger = logging.getLogger("transformers.trainer")
+
+
+@contextlib.contextmanager
+def model_card_hyperparameters(update):
+    """For the duration, the model card's hyper-parameters (a dict, from the Trainer) go through
+    ``update(trainer, hyperparameters) -> hyperparameters``."""
+    from transformers import modelcard
+
+    original = modelcard.extract_hyperparameters_from_trainer
+
+    def extract(trainer):
+        return update(trainer, original(trainer))
+
+    modelcard.extract_hyperparameters_from_trainer = extract
+    try:
+        yield
+    finally:
+        modelcard.extract_hyperparameters_from_trainer = original
 
 
 def checkpoint_key_mapping(model: torch.nn.Module) -> Dict[str, str]:

@@ -12,13 +12,15 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
+from transformers.trainer_callback import ExportableState, TrainerCallback
 
-from ._compat import CheckpointNamesMixin, OptimizerResumeLogMixin
+from ._compat import CheckpointNamesMixin, OptimizerResumeLogMixin, model_card_hyperparameters
 from .optim import WinOptimizer, check_partitioned
+from .registry import get_optimizer_spec
 from .training_args import is_win_optimizer, win_optimizer_kwargs
 
-__all__ = ["WinTrainer", "get_optimizer_cls_and_kwargs", "optimizer_state_bytes"]
+__all__ = ["WinTrainer", "get_optimizer_cls_and_kwargs", "optimizer_state_bytes", "win_settings", "WinSettingsCallback"]
 
 # The Trainer's own logger: the train-start summary appears where the Trainer's
 # "***** Running training *****" does, at the same --log_level.
@@ -38,6 +40,28 @@ def get_optimizer_cls_and_kwargs(args, model: Optional[torch.nn.Module] = None) 
     if is_win_optimizer(optim):
         return win_optimizer_kwargs(args)
     return Trainer.get_optimizer_cls_and_kwargs(args, model)
+
+
+def win_settings(args) -> Optional[Dict[str, Any]]:
+    """Which Win ran: ``{"optimizer", "class", "acceleration_mode", "reckless_steps", "optim_args"}`` for a Win
+    ``--optim`` (``None`` otherwise). What the model card and ``trainer_state.json`` record."""
+    optim = getattr(args.optim, "value", args.optim)
+    if not is_win_optimizer(optim):
+        return None
+    cls, kwargs = win_optimizer_kwargs(args)
+    return {"optimizer": optim, "class": f"hf_win.{cls.__name__}", "acceleration_mode": kwargs["acceleration_mode"],
+            "reckless_steps": list(kwargs["reckless_steps"]), "optim_args": getattr(args, "optim_args", None) or None}
+
+
+class WinSettingsCallback(TrainerCallback, ExportableState):
+    """Carries :func:`win_settings` into ``trainer_state.json`` (``stateful_callbacks.WinSettingsCallback.args``),
+    in every checkpoint and at ``save_state()``. It changes nothing in training."""
+
+    def __init__(self, **settings):
+        self.settings = settings
+
+    def state(self) -> dict:
+        return {"args": dict(self.settings), "attributes": {}}
 
 
 def optimizer_state_bytes(optimizer_cls: type, kwargs: Dict[str, Any], params) -> int:
@@ -97,6 +121,32 @@ class WinTrainer(OptimizerResumeLogMixin, CheckpointNamesMixin, Trainer):
         super().__init__(*args, **kwargs)
         self._check_fsdp_enabled()
         self.add_callback(_StepPathLogger(self))
+        settings = win_settings(self.args)
+        if settings is not None:
+            self.add_callback(WinSettingsCallback(**settings))
+
+    def create_model_card(self, *args, **kwargs):
+        """``Trainer.create_model_card``; with a Win optimizer the card also lists the acceleration mode, the
+        reckless steps and ``optim_args``, and its optimizer line names them."""
+        settings = win_settings(self.args)
+        if settings is None:
+            return super().create_model_card(*args, **kwargs)
+
+        def update(trainer, hyperparameters):
+            a = trainer.args
+            betas = f"betas=({a.adam_beta1},{a.adam_beta2}), " if "betas" in get_optimizer_spec(a.optim).accepted_keys else ""
+            hyperparameters["optimizer"] = (
+                f"Use {settings['optimizer']} ({settings['class']}) with acceleration_mode={settings['acceleration_mode']}, "
+                f"reckless_steps={tuple(settings['reckless_steps'])}, {betas}epsilon={a.adam_epsilon} and "
+                f"optimizer_args={settings['optim_args'] or 'No additional optimizer arguments'}")
+            hyperparameters["acceleration_mode"] = settings["acceleration_mode"]
+            hyperparameters["reckless_steps"] = tuple(settings["reckless_steps"])
+            if settings["optim_args"]:
+                hyperparameters["optim_args"] = settings["optim_args"]
+            return hyperparameters
+
+        with model_card_hyperparameters(update):
+            return super().create_model_card(*args, **kwargs)
 
     def _check_fsdp_enabled(self) -> None:
         """``--fsdp`` (or ``accelerate launch`` with an FSDP config) must not be dropped silently. Accelerate

@@ -33,6 +33,8 @@ __all__ = [
     "win_optimizer_kwargs",
     "is_win_optimizer",
     "optim_args_markdown_table",
+    "check_win_fields",
+    "validate_win_optimizer",
 ]
 
 # Constructor keywords that come from standard TrainingArguments fields (or are fixed under the Trainer),
@@ -230,6 +232,58 @@ def win_optimizer_kwargs(args: "TrainingArguments") -> Tuple[type, Dict[str, Any
     return spec.cls, kwargs
 
 
+def check_win_fields(args, win: bool) -> None:
+    """Check ``acceleration_mode`` and ``reckless_steps`` of ``args`` (any object with the fields; ``win``: a Win
+    ``--optim``), normalising ``reckless_steps`` to two floats. ``ValueError`` naming the allowed values."""
+    if args.acceleration_mode not in MODES:
+        raise ValueError(
+            f"acceleration_mode must be one of {', '.join(MODES)}, got {args.acceleration_mode!r}"
+        )
+    rs = args.reckless_steps
+    if isinstance(rs, str):
+        rs = rs.replace(",", " ").split()
+    try:
+        rs = [float(r) for r in rs]
+    except (TypeError, ValueError):
+        rs = None
+    if rs is None or len(rs) != 2 or not all(math.isfinite(r) and r > 0 for r in rs):
+        raise ValueError(
+            f"reckless_steps must be two positive numbers R1 R2 (e.g. --reckless_steps 2.0 8.0), "
+            f"got {args.reckless_steps!r}"
+        )
+    args.reckless_steps = rs
+    if not win and (args.acceleration_mode != "win" or args.reckless_steps != [2.0, 8.0]):
+        raise ValueError(
+            f"acceleration_mode / reckless_steps apply to the Win optimizers ({', '.join(OPTIMIZERS)}), "
+            f"not to optim={args.optim!r}"
+        )
+
+
+def validate_win_optimizer(args) -> None:
+    """Build ``args.optim`` (a registry name) over a dummy parameter from the fields of ``args`` (any object with
+    the WinTrainingArguments field names): a bad hyper-parameter fails here, before any training state exists."""
+    spec = get_optimizer_spec(args.optim)
+    if "betas" not in spec.accepted_keys:
+        ref = TrainingArguments.__dataclass_fields__
+        for f in ("adam_beta1", "adam_beta2"):
+            if getattr(args, f) != ref[f].default:
+                raise ValueError(
+                    f"--{f} is not used by {spec.name} (it has no betas); accepted --optim_args: "
+                    f"{', '.join(optim_args_keys(spec.name))}"
+                )
+    cls, kwargs = win_optimizer_kwargs(args)
+    dummy = torch.zeros(1, requires_grad=True)
+    try:
+        with warnings.catch_warnings():  # advice (LAMB without trust ratio) comes once, from the real one
+            warnings.simplefilter("ignore")
+            cls([dummy], **kwargs)
+    except ValueError as err:
+        raise ValueError(
+            f"invalid hyper-parameters for --optim {spec.name}: {err} "
+            f"(--optim_args accepts: {', '.join(optim_args_keys(spec.name)) or 'nothing'})"
+        ) from None
+
+
 _ACCEL_HELP = (
     "Win acceleration for the --optim Win optimizers (hf_win registry names). "
     "'win': one extra state x per parameter; each step mixes a conservative step of size lr with a reckless "
@@ -313,50 +367,10 @@ class WinTrainingArguments(TrainingArguments):
             super().__post_init__()
 
     def _check_win_fields(self, win: bool) -> None:
-        if self.acceleration_mode not in MODES:
-            raise ValueError(
-                f"acceleration_mode must be one of {', '.join(MODES)}, got {self.acceleration_mode!r}"
-            )
-        rs = self.reckless_steps
-        if isinstance(rs, str):
-            rs = rs.replace(",", " ").split()
-        try:
-            rs = [float(r) for r in rs]
-        except (TypeError, ValueError):
-            rs = None
-        if rs is None or len(rs) != 2 or not all(math.isfinite(r) and r > 0 for r in rs):
-            raise ValueError(
-                f"reckless_steps must be two positive numbers R1 R2 (e.g. --reckless_steps 2.0 8.0), "
-                f"got {self.reckless_steps!r}"
-            )
-        self.reckless_steps = rs
-        if not win and (self.acceleration_mode != "win" or self.reckless_steps != [2.0, 8.0]):
-            raise ValueError(
-                f"acceleration_mode / reckless_steps apply to the Win optimizers ({', '.join(OPTIMIZERS)}), "
-                f"not to optim={self.optim!r}"
-            )
+        check_win_fields(self, win)
 
     def _validate_win_optimizer(self) -> None:
-        spec = get_optimizer_spec(self.optim)
-        if "betas" not in spec.accepted_keys:
-            ref = TrainingArguments.__dataclass_fields__
-            for f in ("adam_beta1", "adam_beta2"):
-                if getattr(self, f) != ref[f].default:
-                    raise ValueError(
-                        f"--{f} is not used by {spec.name} (it has no betas); accepted --optim_args: "
-                        f"{', '.join(optim_args_keys(spec.name))}"
-                    )
-        cls, kwargs = win_optimizer_kwargs(self)
-        dummy = torch.zeros(1, requires_grad=True)
-        try:
-            with warnings.catch_warnings():  # advice (LAMB without trust ratio) comes once, from the real one
-                warnings.simplefilter("ignore")
-                cls([dummy], **kwargs)
-        except ValueError as err:
-            raise ValueError(
-                f"invalid hyper-parameters for --optim {spec.name}: {err} "
-                f"(--optim_args accepts: {', '.join(optim_args_keys(spec.name)) or 'nothing'})"
-            ) from None
+        validate_win_optimizer(self)
 
     def set_optimizer(
         self,

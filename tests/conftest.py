@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # Make the checkout importable (and visible to subprocesses) without an install.
 if str(ROOT) not in sys.path:
@@ -23,3 +25,23 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """train/ and validation/ folders of small PNGs, one sub-folder per class (the ImageNet layout)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("validation", 4)):
+        for c, name in enumerate(("bird", "cat", "dog")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(12, 30, size=2)
+                pixels = rng.integers(0, 60, size=(h, w, 3)).astype(np.uint8)
+                pixels[..., c] += 150  # the class is the dominant channel
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root

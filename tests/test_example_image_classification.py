@@ -6,7 +6,6 @@ it names with its hyper-parameters; bad input gets one clear line.
 """
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,41 +17,28 @@ import pytest
 import torch
 import yaml
 
+from example_testing import load_script  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "examples" / "image_classification" / "run_image_classification.py"
+EXAMPLES = ROOT / "examples" / "image_classification"
+SCRIPT = EXAMPLES / "run_image_classification.py"
 CONFIGS = ROOT / "configs"
 RECIPES = sorted(glob.glob(str(CONFIGS / "*.yaml")))
 TINY = ("image_size=16,patch_size=8,hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32,"
         "layer_norm_eps=1e-6,qkv_bias=true")
-CLASSES = ("bird", "cat", "dog")
+TINY_RESNET = "layer_type=bottleneck,embedding_size=8,hidden_sizes=[16,32],depths=[1,1]"
+CLASSES = ("bird", "cat", "dog")  # the classes of conftest's image_folder
 
 
 @pytest.fixture(scope="module")
 def ric():
-    spec = importlib.util.spec_from_file_location("run_image_classification", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """train/ and validation/ folders of small PNGs, one sub-folder per class (the ImageNet layout)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("validation", 4)):
-        for c, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                h, w = rng.integers(12, 30, size=2)
-                pixels = rng.integers(0, 60, size=(h, w, 3)).astype(np.uint8)
-                pixels[..., c] += 150  # the class is the dominant channel
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+def utils(ric):
+    """The module both example scripts share (imported by the Trainer script)."""
+    return sys.modules["image_classification_utils"]
 
 
 def _results(out_dir):
@@ -95,6 +81,8 @@ def test_image_folder_end_to_end(ric, image_folder, tmp_path):
     config = json.load(open(out / "config.json"))
     assert sorted(config["label2id"]) == list(CLASSES)
     assert json.load(open(out / "trainer_state.json"))["global_step"] == 3
+    card = (out / "README.md").read_text()
+    assert "- acceleration_mode: win\n" in card and "lamb_win (hf_win.LAMB)" in card
 
 
 def test_pretrained_checkpoint_is_loaded(ric, image_folder, tmp_path):
@@ -130,14 +118,15 @@ def _param_group_of(optimizer, param):
 
 
 @pytest.mark.parametrize("recipe", [os.path.basename(p) for p in RECIPES])
-def test_recipe_parses_and_builds_its_optimizer(ric, image_folder, tmp_path, recipe):
+def test_recipe_parses_and_builds_its_optimizer(ric, utils, image_folder, tmp_path, recipe):
     from hf_win import get_optimizer_spec
 
     path = str(CONFIGS / recipe)
     raw = yaml.safe_load(open(path))
+    resnet = raw["model_type"] == "resnet"
     model_args, data_args, aug_args, training_args, default_data = ric.parse_arguments([
-        path, "--train_dir", str(image_folder / "train"), "--config_overrides", TINY, "--fp16", "false",
-        "--dataloader_num_workers", "0", "--output_dir", str(tmp_path),
+        path, "--train_dir", str(image_folder / "train"), "--config_overrides", TINY_RESNET if resnet else TINY,
+        "--fp16", "false", "--dataloader_num_workers", "0", "--output_dir", str(tmp_path),
     ])
     assert not default_data and data_args.dataset_name is None  # the command line's data source wins
     # every value of the file arrived (those not overridden above)
@@ -151,7 +140,7 @@ def test_recipe_parses_and_builds_its_optimizer(ric, image_folder, tmp_path, rec
 
     model, processor = ric.build_model(model_args, list(CLASSES), training_args)
     assert list(processor.image_mean) == raw["image_mean"]
-    n_drop = sum(isinstance(m, ric.DropPath) for m in model.modules())
+    n_drop = sum(isinstance(m, utils.DropPath) for m in model.modules())
     assert n_drop == (2 if raw["drop_path_rate"] > 0 else 0)
     trainer = ric.ImageClassificationTrainer(
         model=model, args=training_args, batch_augment=torch.nn.Identity(), eval_dataset=[{}],
@@ -169,17 +158,67 @@ def test_recipe_parses_and_builds_its_optimizer(ric, image_folder, tmp_path, rec
     else:
         assert inner.defaults["momentum"] == float(raw["optim_args"].split("=")[1])
     # weight decay on the right parameters
-    weight = model.vit.layers[0].attention.q_proj.weight
-    bias = model.vit.layers[0].attention.q_proj.bias
-    pos = model.vit.embeddings.position_embeddings
-    assert _param_group_of(inner, weight)["weight_decay"] == raw["weight_decay"]
     expect_bias = raw["weight_decay"] if raw["weight_decay_filter"] == "all" else 0.0
-    assert _param_group_of(inner, bias)["weight_decay"] == expect_bias
-    assert _param_group_of(inner, pos)["weight_decay"] == expect_bias  # timm: no decay on the position embedding
+    if resnet:  # timm: no decay on BatchNorm weights and biases
+        block = model.resnet.encoder.stages[0].layers[0]
+        weight, norm = block.layer[0].convolution.weight, block.layer[0].normalization
+        exempt = (norm.weight, norm.bias, model.classifier[-1].bias)
+    else:  # timm: no decay on the position embedding
+        weight = model.vit.layers[0].attention.q_proj.weight
+        exempt = (model.vit.layers[0].attention.q_proj.bias, model.vit.embeddings.position_embeddings)
+    assert _param_group_of(inner, weight)["weight_decay"] == raw["weight_decay"]
+    for param in exempt:
+        assert _param_group_of(inner, param)["weight_decay"] == expect_bias
     # the schedule starts at warmup_lr and reaches min_lr at the end
     scheduler = trainer.create_scheduler(num_training_steps=1000, optimizer=optimizer)
     lr0 = scheduler.get_last_lr()[0]
     assert lr0 == pytest.approx(raw["learning_rate"] * raw["lr_scheduler_kwargs"]["warmup_lr_rate"], rel=1e-6)
+
+
+def test_full_size_resnet_recipes_build_resnet50_and_resnet101(ric, utils, tmp_path):
+    """The ResNet recipes' own config_overrides give timm's / torchvision's ResNet-50 and ResNet-101 (the same
+    parameter count, 1000 classes), with stochastic depth on every block and zero-initialised last norms."""
+    for depth, n_params, n_blocks in ((50, 25_557_032, 16), (101, 44_549_160, 33)):
+        model_args, _, _, training_args, _ = ric.parse_arguments([
+            str(CONFIGS / f"resnet{depth}_adamw_win_win2.yaml"), "--train_dir", str(tmp_path), "--fp16", "false",
+            "--output_dir", str(tmp_path), "--channels_last", "true"])
+        model, processor = ric.build_model(model_args, [str(i) for i in range(1000)], training_args)
+        assert sum(p.numel() for p in model.parameters()) == n_params
+        assert dict(processor.size)["height"] == 224
+        drops = [m.p for m in model.modules() if isinstance(m, utils.DropPath)]
+        assert len(drops) == n_blocks and drops[0] == 0.0 and drops[-1] == pytest.approx(model_args.drop_path_rate)
+        blocks = model.resnet.encoder.stages[0].layers
+        assert all(not b.layer[2].normalization.weight.detach().any() for b in blocks)
+        assert blocks[0].layer[1].normalization.weight.detach().all()
+        conv = model.resnet.embedder.embedder.convolution.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_tiny_resnet_on_the_offline_default(ric, tmp_path):
+    """--model_type resnet alone: the digits with a tiny ResNet (the digits' ViT sizes do not apply)."""
+    out = tmp_path / "out"
+    results = ric.run(["--model_type", "resnet", "--max_steps", "3", "--per_device_train_batch_size", "16",
+                       "--output_dir", str(out), "--disable_tqdm", "true"])
+    assert np.isfinite(results["train_loss"]) and 0.0 <= results["eval_top1_accuracy"] <= results["eval_top5_accuracy"]
+    config = json.load(open(out / "config.json"))
+    assert config["model_type"] == "resnet" and config["depths"] == [1, 1] and len(config["id2label"]) == 10
+
+
+def test_tiny_resnet_on_an_image_folder(ric, image_folder, tmp_path):
+    """A faithful-recipe ResNet, tiny: BCE on mixed soft targets, channels-last, drop path, zero-init, timm decay."""
+    out = tmp_path / "out"
+    results = ric.run([
+        "--train_dir", str(image_folder / "train"), "--validation_dir", str(image_folder / "validation"),
+        "--model_type", "resnet", "--config_overrides", TINY_RESNET, "--image_size", "16", "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true",
+        "--optim", "sgd_win", "--acceleration_mode", "win2", "--learning_rate", "0.1", "--weight_decay", "5e-4",
+        "--weight_decay_filter", "timm", "--bce_loss", "true", "--mixup_alpha", "0.1", "--cutmix_alpha", "1.0",
+        "--label_smoothing_factor", "0.1", "--drop_path_rate", "0.05", "--zero_init_residual", "true",
+        "--channels_last", "true", "--randaugment_num_ops", "2", "--randaugment_magnitude", "7",
+    ])
+    assert np.isfinite(results["train_loss"]) and "eval_top1_accuracy" in results
+    assert json.load(open(out / "config.json"))["hidden_sizes"] == [16, 32]
+    assert json.load(open(out / "trainer_state.json"))["global_step"] == 3
 
 
 def test_distributed_configs_parse():
@@ -199,11 +238,11 @@ def test_distributed_configs_parse():
         assert "optimizer" not in ds  # the optimizer is the Trainer's (Win), not one of DeepSpeed's
 
 
-def test_batch_augment_targets(ric):
+def test_batch_augment_targets(utils):
     """Soft targets: label smoothing as timm's mixup_target, rows sum to 1, mixing pairs the batch with its
     reverse, cutmix's lam is the true area of the box."""
-    aug = ric.AugmentationArguments(mixup_alpha=0.0, cutmix_alpha=1.0)
-    ba = ric.BatchAugment([0.5] * 3, [0.5] * 3, 4, aug, label_smoothing=0.2)
+    aug = utils.AugmentationArguments(mixup_alpha=0.0, cutmix_alpha=1.0)
+    ba = utils.BatchAugment([0.5] * 3, [0.5] * 3, 4, aug, label_smoothing=0.2)
     labels = torch.tensor([0, 1, 2, 3, 1, 0])
     t = ba.soft_targets(labels)
     assert torch.allclose(t.sum(1), torch.ones(6))
@@ -224,11 +263,11 @@ def test_batch_augment_targets(ric):
     assert float(from_other[2]) == pytest.approx(1 - lam, abs=1e-6)
 
 
-def test_random_resized_crop_box_in_bounds(ric):
+def test_random_resized_crop_box_in_bounds(utils):
     torch.manual_seed(0)
     for h, w in ((8, 8), (30, 12), (5, 40)):
         for _ in range(50):
-            top, left, ch, cw = ric.random_resized_crop_box(h, w, (0.08, 1.0), (3 / 4, 4 / 3))
+            top, left, ch, cw = utils.random_resized_crop_box(h, w, (0.08, 1.0), (3 / 4, 4 / 3))
             assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
 
 
@@ -256,6 +295,14 @@ def test_error_image_column_not_there(ric, capsys, image_folder, tmp_path):
 def test_error_unknown_optimizer(ric, capsys, tmp_path):
     line = _error_line(ric, capsys, ["--optim", "adamw_wn", "--output_dir", str(tmp_path)])
     assert line.startswith("error:") and "adamw_wn" in line and "adamw_win" in line and "lamb_win" in line
+
+
+def test_error_config_overrides_list_and_image_size(ric, capsys, image_folder, tmp_path):
+    base = ["--train_dir", str(image_folder / "train"), "--output_dir", str(tmp_path)]
+    line = _error_line(ric, capsys, base + ["--model_type", "resnet", "--config_overrides", "depths=[1,x]"])
+    assert line == "error: --config_overrides: depths=[1,x] is not a list of numbers"
+    line = _error_line(ric, capsys, base + ["--image_size", "32"])
+    assert line.startswith("error: --image_size is for models whose config has no image size")
 
 
 def test_error_config_does_not_parse(ric, capsys, tmp_path):

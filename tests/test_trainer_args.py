@@ -176,10 +176,12 @@ def test_readme_optim_args_table_matches_the_registry():
     assert optim_args_markdown_table() in section, "regenerate with hf_win.training_args.optim_args_markdown_table()"
 
 
-def test_importing_hf_win_does_not_import_the_trainer_stack():
+def test_importing_hf_win_does_not_import_the_trainer_stack_nor_timm():
     import subprocess
     import sys
 
     # (In this process the Trainer tests have imported it already; WinTrainer resolving lazily is used by all.)
-    code = "import sys, hf_win; assert 'transformers.trainer' not in sys.modules, 'eager Trainer import'"
+    # Nor timm, even once the Trainer stack is in: only ``import hf_win.timm`` imports it.
+    code = ("import sys, hf_win; assert 'transformers.trainer' not in sys.modules, 'eager Trainer import'; "
+            "hf_win.WinTrainer, hf_win.WinTrainingArguments; assert 'timm' not in sys.modules, 'timm imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
