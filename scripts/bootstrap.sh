@@ -27,6 +27,9 @@ case "$job" in
     ;;
   test)
     "$vpy" -m pip install -q --disable-pip-version-check -e ".[test]"
+    # timm without its dependencies: it requires torchvision, whose wheels pin another torch (a bare
+    # install would replace the CPU torch); the timm tests give it a labelled test-only stand-in instead.
+    "$vpy" -m pip install -q --disable-pip-version-check --no-deps "timm>=1.0.12"
     exec "$vpy" -m pytest -q "$@"
     ;;
   *)
