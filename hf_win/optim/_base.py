@@ -338,7 +338,11 @@ class WinOptimizer(torch.optim.Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return None
-        norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
+        device = grads[0].device
+        if all(type(g) is Tensor and g.layout == torch.strided and g.device == device for g in grads):
+            norms = list(torch._foreach_norm([g.detach() for g in grads], 2.0))  # one call, as clip_grad_norm_
+        else:  # DTensor (FSDP2) gradients: their norms are reduced over the processes
+            norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
         total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
         if self._clip_style == "lamb":
             # LAMB divides by norm/max_norm when the norm is above max_norm.

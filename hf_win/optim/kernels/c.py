@@ -30,6 +30,8 @@ __all__ = ["emit", "CKernel", "ELEMENT_TYPES"]
 
 #: Elements per chunk: the unit of work of a thread and of a partial sum.
 CHUNK = 16384
+#: Accumulators of a sum in a chunk (each sums every LANES-th element; see ``emit``).
+LANES = 16
 ELEMENT_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
           "-fPIC", "-shared", "-std=c99"]
@@ -115,7 +117,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
     stages = schedule(prog, exact_arrays(dtypes))
     A, K, NR = len(dtypes), len(prog.operands), prog.n_reductions
     sr_arrays = [a for a in range(A) if rounding[a]]
-    out = [_PRELUDE, f"#define NRED {max(NR, 1)}",
+    out = [_PRELUDE, f"#define NRED {max(NR, 1)}", f"#define LANES {LANES}",
            f"static inline {ct} hf_max({ct} a, {ct} b) {{ return (a != a || b != b) ? a + b : (a > b ? a : b); }}",
            f"static inline {ct} hf_sign({ct} a) {{ return a > 0 ? ({ct})1 : (a < 0 ? ({ct})-1 : a); }}"]
     for si, st in enumerate(stages):
@@ -134,7 +136,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
         for vid, e in st.lets:
             body.append(f"const {ct} v{vid} = {_expr(e, ct)};")
         for r, vid in st.reductions:
-            body.append(f"acc{r} += (double)v{vid} * (double)v{vid};")
+            body.append(f"acc{r}[LANE] += v{vid} * v{vid};")
         for a, vid in st.stores:
             et = ELEMENT_TYPES[dtypes[a]]
             if et == "uint16_t":
@@ -143,11 +145,24 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
             else:
                 val = f"({et})v{vid}"
             body.append(f"a{a}[i] = {val};")
-        accs = "".join(f"    double acc{r} = 0.0;\n" for r, _ in st.reductions)
-        outs = "".join(f"    part[{r}] = acc{r};\n" for r, _ in st.reductions)
-        inner = "\n".join(f"        {b}" for b in body)
-        out.append(f"static void stage{si}(const int64_t n, {', '.join(params)}) {{\n{accs}"
-                   f"    for (int64_t i = 0; i < n; i++) {{\n{inner}\n    }}\n{outs}}}")
+        signature = f"static void stage{si}(const int64_t n, {', '.join(params)})"
+        if not st.reductions:
+            inner = "\n".join(f"        {b}" for b in body)
+            out.append(f"{signature} {{\n    for (int64_t i = 0; i < n; i++) {{\n{inner}\n    }}\n}}")
+            continue
+        # A sum is not vectorised without reassociation (no fast-math here), and a loop holding one is
+        # not vectorised at all. So each of LANES accumulators sums every LANES-th element: the inner
+        # loop over lanes is straight-line code the compiler vectorises, and the order of every sum is
+        # fixed by the element index alone (chunks start at multiples of LANES).
+        lanes = "\n".join(f"            {b}".replace("LANE", "l") for b in body)
+        tail = "\n".join(f"        {b}".replace("LANE", "0") for b in body)
+        accs = "".join(f"    {ct} acc{r}[LANES] = {{0}};\n" for r, _ in st.reductions)
+        outs = "".join(f"    {{ double s = 0.0; for (int l = 0; l < LANES; l++) s += acc{r}[l]; part[{r}] = s; }}\n"
+                       for r, _ in st.reductions)
+        out.append(f"{signature} {{\n{accs}    int64_t i0 = 0;\n"
+                   f"    for (; i0 + LANES <= n; i0 += LANES) {{\n"
+                   f"        for (int l = 0; l < LANES; l++) {{\n            const int64_t i = i0 + l;\n{lanes}\n        }}\n"
+                   f"    }}\n    for (int64_t i = i0; i < n; i++) {{\n{tail}\n    }}\n{outs}}}")
     # the entry point
     calls = []
     for si, st in enumerate(stages):
