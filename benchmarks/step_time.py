@@ -101,6 +101,7 @@ def machine(device: torch.device) -> dict:
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "(unset)"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
