@@ -1,27 +1,37 @@
 """Time one optimizer step, for every registry optimizer x acceleration mode x path, against torch.optim.AdamW.
 
-Paths: ``fused`` (``fused=True``: on CPU the generated C kernel of ``hf_win/optim/_ckernel.py``, which is
-also what the default ``fused=None`` runs on CPU), ``compiled`` (``fused=True`` with that kernel off, i.e.
-the ``torch.compile`` graph used on other devices), ``foreach``, ``per_tensor``.
+Paths: ``fused`` (``fused=True`` with ``HF_WIN_FUSED_BACKEND=auto``: the generated C kernel for CPU tensors,
+the Triton kernel for CUDA tensors; on CPU the default ``fused=None`` runs the same kernel), ``triton``
+(``fused=True`` with ``HF_WIN_FUSED_BACKEND=triton``: CUDA only, skipped with a note on CPU, where only
+Triton's interpreter could run it), ``foreach``, ``per_tensor``.
 
 For a named parameter set (the parameter shapes of a model, with random gradients), each group of
 contenders (our optimizer on each path, ``torch.optim.AdamW(fused=True)`` and ``AdamW(foreach=True)``)
 is built together and stepped in interleaved rounds, after warm-up; the table reports the median step
-time of each and its ratio to fused AdamW *measured in the same group*. Also reported: the time of the
-first fused step (the kernel's build or the graph's compile: run the script twice with the same
-``HF_WIN_CACHE_DIR`` / ``TORCHINDUCTOR_CACHE_DIR`` to see the cold and the cached figure), and the peak of memory allocated during one step beyond the
-persistent state, in units of the parameters' size ("transient buffers").
+time of each (CUDA: CUDA events) and its ratio to fused AdamW *measured in the same group*. Also
+reported: the time of the first fused step (state creation, the kernel's build or its load from the
+cache, and the step), with the kernels and cache entries built/loaded by it, and the peak of memory
+allocated during one step beyond the persistent state, in units of the parameters' size ("transient
+buffers").
 
-    python benchmarks/step_time.py --params vit_s                 # full table, ViT-S/16 shapes
+``--schedule`` runs the schedule case instead: ``OneCycleLR(cycle_momentum=True)`` moving the learning
+rate and betas/momentum every step for ``--schedule_steps`` steps (default 200) against a constant
+schedule, reporting the kernels traced and built (``hf_win.optim.kernels.counters()`` and
+``kernels.cache.counters()`` deltas, each run starting from ``kernels.reset()``) and the median ms/step.
+
+    python benchmarks/step_time.py --params vit_s --threads 1       # full table, ViT-S/16 shapes
     python benchmarks/step_time.py --params vit_b --optimizers adamw_win --modes win win2
-    python benchmarks/step_time.py --quick                        # tiny smoke run (seconds + compile)
+    python benchmarks/step_time.py --params vit_s --threads 1 --schedule
+    python benchmarks/step_time.py --quick                          # tiny smoke run (seconds)
 
-Writes ``<out>/step_time_<params>_<device>.csv`` and ``.md`` (with the machine's description).
+Writes ``<out>/step_time_<params>_<device>.csv`` and ``.md`` (``..._schedule`` for ``--schedule``), with
+the machine's description and the command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import os
@@ -37,8 +47,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from hf_win.optim import _fused  # noqa: E402
+from hf_win.optim import kernels  # noqa: E402
 from hf_win.optim._base import WinOptimizer  # noqa: E402
+from hf_win.optim.kernels import cache as kcache  # noqa: E402
 from hf_win.registry import OPTIMIZERS, available_optimizers  # noqa: E402
 
 
@@ -54,9 +65,22 @@ def vit_shapes(dim: int, depth: int, mlp: int, classes: int = 1000, patch: int =
     return shapes
 
 
+def gpt_shapes(dim: int, depth: int, vocab: int = 50304, context: int = 2048):
+    """Parameter shapes of a GPT-2-style decoder (nanoGPT layout, tied embedding/LM head, biases):
+    token and position embeddings, 12 tensors per block (ln_1, attn c_attn/c_proj, ln_2, mlp c_fc/c_proj,
+    4x MLP), a final LayerNorm."""
+    shapes = [(vocab, dim), (context, dim)]
+    for _ in range(depth):
+        shapes += [(dim,), (dim,), (3 * dim, dim), (3 * dim,), (dim, dim), (dim,),
+                   (dim,), (dim,), (4 * dim, dim), (4 * dim,), (dim, 4 * dim), (dim,)]
+    shapes += [(dim,), (dim,)]
+    return shapes
+
+
 PARAM_SETS = {
-    "vit_s": lambda: vit_shapes(384, 12, 1536),  # ViT-S/16: 22.0M parameters, 152 tensors
+    "vit_s": lambda: vit_shapes(384, 12, 1536),  # ViT-S/16: 22.1M parameters, 152 tensors
     "vit_b": lambda: vit_shapes(768, 12, 3072),  # ViT-B/16: 86.6M parameters, 152 tensors
+    "gpt_1_3b": lambda: gpt_shapes(2048, 24),  # d=2048, 24 layers, vocab 50304, context 2048: 1.32B, 292 tensors
     "tiny": lambda: vit_shapes(32, 2, 64, classes=10, patch=4, image=16),  # for --quick and tests
 }
 
@@ -77,23 +101,83 @@ def machine(device: torch.device) -> dict:
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "(unset)"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
-        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(default)"),
+        "hf_win_fused_backend": os.environ.get("HF_WIN_FUSED_BACKEND", "(auto)"),
         "hf_win_cache": os.environ.get("HF_WIN_CACHE_DIR", "(default)"),
     }
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+        info["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = "not installed"
+        info["triton_cache"] = os.environ.get("TRITON_CACHE_DIR", "(default)")
     return info
 
 
+@contextlib.contextmanager
+def backend(value):
+    """``HF_WIN_FUSED_BACKEND=value`` for the duration (``None``: leave it as it is)."""
+    if value is None:
+        yield
+        return
+    saved = os.environ.get("HF_WIN_FUSED_BACKEND")
+    os.environ["HF_WIN_FUSED_BACKEND"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["HF_WIN_FUSED_BACKEND"]
+        else:
+            os.environ["HF_WIN_FUSED_BACKEND"] = saved
+
+
+def timed(fn, device) -> float:
+    """Seconds ``fn()`` took: CUDA events on CUDA, the wall clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def wall(fn, device) -> float:
+    """Wall-clock seconds of ``fn()`` until the device is idle (first steps: host-side builds included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------------------- contenders
+PATH_FLAGS = {
+    "fused": ({"fused": True}, None),  # backend as configured (auto: C on CPU, Triton on CUDA)
+    "triton": ({"fused": True}, "triton"),
+    "foreach": ({"foreach": True, "fused": False}, None),
+    "per_tensor": ({"foreach": False, "fused": False}, None),
+}
+
+
 class Contender:
-    def __init__(self, label, optimizer, path, mode, build, shapes, grads, device):
-        self.label, self.optimizer, self.path, self.mode = label, optimizer, path, mode
-        self.cpu_kernel = False if path == "compiled" else True  # the compiled path: CPU kernel off
+    def __init__(self, label, optimizer, path, mode, build, shapes, grads, device, env=None):
+        self.label, self.optimizer, self.path, self.mode, self.env = label, optimizer, path, mode, env
+        self.device = device
         self.impl = ""
         self.params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
         for p, g in zip(self.params, grads):
@@ -101,18 +185,31 @@ class Contender:
         self.opt = build(self.params)
         self.times = []
         self.compile_s = float("nan")
+        self.first = ""
         self.transient = float("nan")
 
     def step(self):
-        saved, _fused.CPU_KERNEL = _fused.CPU_KERNEL, self.cpu_kernel
-        try:
-            t0 = time.perf_counter()
-            self.opt.step()
-        finally:
-            _fused.CPU_KERNEL = saved
-        if self.params[0].device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        with backend(self.env):
+            return timed(self.opt.step, self.device)
+
+    def first_step(self):
+        """The first step, wall clock (state creation + kernel build/load + the step), and what it built."""
+        k0, c0 = kernels.counters(), kcache.counters()
+        with backend(self.env):
+            dt = wall(self.opt.step, self.device)
+        k1, c1 = kernels.counters(), kcache.counters()
+        if isinstance(self.opt, WinOptimizer):
+            path = self.opt.step_path()
+            self.impl = "kernel" if k1["calls"] > k0["calls"] else "eager"
+            self.backend = path.split(" kernel")[0] if self.impl == "kernel" else "-"
+            self.path_taken = path
+            if self.impl == "kernel":
+                self.compile_s = dt
+                self.first = (f"{k1['kernels'] - k0['kernels']} kernel(s), cache {c1['builds'] - c0['builds']} "
+                              f"built / {c1['loads'] - c0['loads']} loaded")
+        else:
+            self.backend, self.path_taken = "-", "torch"
+        return dt
 
 
 def state_bytes(opt) -> int:
@@ -127,16 +224,16 @@ def transient_peak_bytes(contender: Contender) -> int:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        contender.opt.step()
+        contender.step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(dev) - base
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
 
-    # The profiler's memory timeline records every allocation and free (the compiled wrapper's buffers
-    # included) with the tensor it belongs to; replay it in time order.
+    # The profiler's memory timeline records every allocation and free with the tensor it belongs to;
+    # replay it in time order.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        contender.opt.step()
+        contender.step()
     live = peak = 0
     for _, action, _, nbytes in prof._memory_profile().timeline:
         if action == Action.CREATE:
@@ -147,48 +244,43 @@ def transient_peak_bytes(contender: Contender) -> int:
     return peak
 
 
+def our_kwargs(name, mode):
+    kw = {"lr": 1e-3, "acceleration_mode": mode}
+    if name == "lamb_win":
+        kw["max_grad_norm"] = 0.0  # clipping is the Trainer's; measure the step itself
+    return kw
+
+
 def build_groups(args, shapes, grads, device):
-    """One group per (optimizer, mode): our paths + the two torch.optim.AdamW baselines."""
+    """One group per (optimizer, mode): our paths + the torch.optim.AdamW baselines."""
     for name in args.optimizers:
         spec = OPTIMIZERS[name]
         for mode in args.modes:
-            kw = {"lr": 1e-3, "acceleration_mode": mode}
-            if name == "lamb_win":
-                kw["max_grad_norm"] = 0.0  # clipping is the Trainer's; measure the step itself
+            kw = our_kwargs(name, mode)
             builders = []
             for path in args.paths:
-                flags = {"fused": {"fused": True}, "compiled": {"fused": True},
-                         "foreach": {"foreach": True, "fused": False},
-                         "per_tensor": {"foreach": False, "fused": False}}[path]
+                flags, env = PATH_FLAGS[path]
                 builders.append((f"{name}/{mode}/{path}", name, path, mode,
-                                 lambda ps, kw=dict(kw, **flags): spec.cls(ps, **kw)))
+                                 lambda ps, kw=dict(kw, **flags): spec.cls(ps, **kw), env))
             builders.append(("torch.AdamW/fused", "torch.optim.AdamW", "fused", "-",
-                             lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)))
-            builders.append(("torch.AdamW/foreach", "torch.optim.AdamW", "foreach", "-",
-                             lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)))
+                             lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), None))
+            if "foreach" in args.baselines:
+                builders.append(("torch.AdamW/foreach", "torch.optim.AdamW", "foreach", "-",
+                                 lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), None))
             yield name, mode, builders
 
 
 def run_group(builders, shapes, grads, device, args):
-    contenders = [Contender(label, o, path, mode, b, shapes, grads, device) for label, o, path, mode, b in builders]
-    # Warm-up: the first step creates state (eagerly on every path), the second compiles the fused path.
-    for c in contenders:
-        c.step()
-    for c in contenders:
-        before = _fused.compile_counter()
-        dt = c.step()
-        after = _fused.compile_counter()
-        if isinstance(c.opt, WinOptimizer):
-            # what really ran: the generated kernel, the compiled graph, or (no fused call) foreach
-            c.impl = ("kernel" if after["kernel_calls"] > before["kernel_calls"]
-                      else "graph" if after["calls"] > before["calls"] else "eager")
-            if c.path in ("fused", "compiled"):
-                c.compile_s = dt
+    contenders = [Contender(label, o, path, mode, b, shapes, grads, device, env)
+                  for label, o, path, mode, b, env in builders]
+    for c in contenders:  # the first step: state, the kernel's build (or load), the step
+        c.first_step()
     for _ in range(args.warmup):
         for c in contenders:
             c.step()
-    for c in contenders:
-        c.transient = transient_peak_bytes(c)
+    if not args.no_memory:
+        for c in contenders:
+            c.transient = transient_peak_bytes(c)
     for r in range(args.repeats):  # interleaved rounds, rotating the order
         order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
         for c in order:
@@ -196,27 +288,144 @@ def run_group(builders, shapes, grads, device, args):
     return contenders
 
 
+def release(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- schedule case
+def schedule_case(args, shapes, grads, device):
+    """Per optimizer and mode: ``OneCycleLR(cycle_momentum=True)`` against a constant schedule, each run
+    of ``--schedule_steps`` steps from ``kernels.reset()`` on the default fused path; two rounds in the
+    order constant, scheduled, scheduled, constant (so drift on a shared machine hits both)."""
+    rows = []
+    for name in args.optimizers:
+        spec = OPTIMIZERS[name]
+        for mode in args.modes:
+            kw = dict(our_kwargs(name, mode), fused=True)
+            if name == "sgd_win":
+                kw["momentum"] = 0.9
+            runs = {"constant": [], "OneCycleLR": []}
+            for sched in ("constant", "OneCycleLR", "OneCycleLR", "constant"):
+                params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+                for p, g in zip(params, grads):
+                    p.grad = g
+                opt = spec.cls(params, **kw)
+                lr_sched = None
+                if sched == "OneCycleLR":
+                    lr_sched = torch.optim.lr_scheduler.OneCycleLR(
+                        opt, max_lr=1e-3, total_steps=args.schedule_steps, cycle_momentum=True,
+                        base_momentum=0.85, max_momentum=0.95)
+                kernels.reset()
+                k0, c0 = kernels.counters(), kcache.counters()
+                moved = set()
+                times = []
+                first = opt.param_groups[0].get("betas", opt.param_groups[0].get("momentum"))
+                for i in range(args.schedule_steps):
+                    g = opt.param_groups[0]
+                    moved.add((g["lr"], str(g.get("betas", g.get("momentum")))))  # what this step uses
+                    dt = wall(opt.step, device) if i == 0 else timed(opt.step, device)
+                    times.append(dt)
+                    if lr_sched is not None:
+                        lr_sched.step()
+                k1, c1 = kernels.counters(), kcache.counters()
+                runs[sched].append({
+                    "path": opt.step_path(),
+                    "kernels": k1["kernels"] - k0["kernels"], "traces": k1["traces"] - k0["traces"],
+                    "calls": k1["calls"] - k0["calls"],
+                    "cache_builds": c1["builds"] - c0["builds"], "cache_loads": c1["loads"] - c0["loads"],
+                    "first_s": times[0], "times": times[1:], "distinct_settings": len(moved),
+                    "momentum_first_last": f"{first} -> {opt.param_groups[0].get('betas', opt.param_groups[0].get('momentum'))}",
+                })
+                print(f"{name}/{mode} {sched:<10} {runs[sched][-1]['path']}: kernels {runs[sched][-1]['kernels']} "
+                      f"traces {runs[sched][-1]['traces']} calls {runs[sched][-1]['calls']} cache builds "
+                      f"{runs[sched][-1]['cache_builds']} loads {runs[sched][-1]['cache_loads']}, "
+                      f"{statistics.median(times[1:]) * 1e3:.2f} ms/step, {len(moved)} distinct (lr, betas)",
+                      flush=True)
+                del opt, params, lr_sched
+                release(device)
+            const_ms = statistics.median([t for r in runs["constant"] for t in r["times"]]) * 1e3
+            for sched, rs in runs.items():
+                ms = statistics.median([t for r in rs for t in r["times"]]) * 1e3
+                rows.append({
+                    "optimizer": name, "mode": mode, "schedule": sched, "path": rs[0]["path"],
+                    "steps_per_run": args.schedule_steps, "runs": len(rs),
+                    "distinct_lr_betas": ";".join(str(r["distinct_settings"]) for r in rs),
+                    "betas_or_momentum_first_to_last": rs[0]["momentum_first_last"],
+                    "kernels_built": ";".join(str(r["kernels"]) for r in rs),
+                    "traces": ";".join(str(r["traces"]) for r in rs),
+                    "kernel_calls": ";".join(str(r["calls"]) for r in rs),
+                    "cache_builds": ";".join(str(r["cache_builds"]) for r in rs),
+                    "cache_loads": ";".join(str(r["cache_loads"]) for r in rs),
+                    "first_step_s": ";".join(f"{r['first_s']:.3f}" for r in rs),
+                    "median_ms": round(ms, 3),
+                    "ratio_to_constant": round(ms / const_ms, 3),
+                })
+    return rows
+
+
+def write_schedule(rows, args, argv, info, out, stem):
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md = [f"# Schedule case: `{args.params}`, OneCycleLR(cycle_momentum=True) against a constant schedule", "",
+          "Command: `python benchmarks/step_time.py " + " ".join(argv) + "`", "",
+          "| machine | |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in info.items()]
+    md += ["", f"Each run: a fresh optimizer (`fused=True`) and `hf_win.optim.kernels.reset()`, then "
+           f"{args.schedule_steps} steps; the scheduled runs call `OneCycleLR(max_lr=1e-3, "
+           f"total_steps={args.schedule_steps}, cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)"
+           f".step()` after every step, which moves the learning rate and betas[0] (SGD: momentum). Two runs "
+           "per schedule, in the order constant, OneCycleLR, OneCycleLR, constant; per-run values are separated "
+           "by `;`. kernels / traces / calls: `kernels.counters()` deltas over the run; cache built / loaded: "
+           "`kernels.cache.counters()` deltas (a kernel found on disk is loaded, not built). ms/step: median "
+           "over both runs of steps 2.."
+           f"{args.schedule_steps}; ratio to the constant schedule's median in the same run.", "",
+           "| optimizer | mode | schedule | path | distinct (lr, betas) | kernels built | traces | kernel calls | "
+           "cache built / loaded | first step s | ms/step | x constant |",
+           "|---|---|---|---|---|---|---|---|---|---|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['optimizer']} | {r['mode']} | {r['schedule']} | {r['path']} | {r['distinct_lr_betas']} | "
+                  f"{r['kernels_built']} | {r['traces']} | {r['kernel_calls']} | {r['cache_builds']} / "
+                  f"{r['cache_loads']} | {r['first_step_s']} | {r['median_ms']:.2f} | {r['ratio_to_constant']:.3f} |")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="vit_s", choices=sorted(PARAM_SETS))
     ap.add_argument("--optimizers", nargs="+", default=available_optimizers(), choices=available_optimizers())
     ap.add_argument("--modes", nargs="+", default=["win", "win2", "none"], choices=["win", "win2", "none"])
-    ap.add_argument("--paths", nargs="+", default=["fused", "compiled", "foreach"],
-                    choices=["fused", "compiled", "foreach", "per_tensor"])
+    ap.add_argument("--paths", nargs="+", default=["fused", "triton", "foreach"],
+                    choices=sorted(PATH_FLAGS))
+    ap.add_argument("--baselines", nargs="+", default=["fused", "foreach"], choices=["fused", "foreach"],
+                    help="torch.optim.AdamW baselines (fused is always run: ratios are to it)")
     ap.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (median reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds after the compile step")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first step")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no_memory", action="store_true", help="skip the transient-memory measurement")
+    ap.add_argument("--schedule", action="store_true", help="run the schedule case (see the module doc)")
+    ap.add_argument("--schedule_steps", type=int, default=200)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="", help="suffix for the output file names")
     ap.add_argument("--quick", action="store_true",
                     help="tiny parameter set, AdamW-Win (win) only, 3 rounds: a smoke test of the script")
     args = ap.parse_args(argv)
+    argv = list(argv) if argv is not None else sys.argv[1:]
     if args.quick:
         args.params, args.optimizers, args.modes, args.repeats, args.warmup = "tiny", ["adamw_win"], ["win"], 3, 1
+        args.schedule_steps = min(args.schedule_steps, 20)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if "triton" in args.paths and device.type != "cuda":
+        print(f"note: the triton path runs on CUDA tensors only; skipped on {device.type} "
+              "(its CPU form is Triton's interpreter, a correctness check, never timed)", flush=True)
+        args.paths = [p for p in args.paths if p != "triton"]
     torch.manual_seed(0)
     shapes = PARAM_SETS[args.params]()
     n_params = sum(torch.Size(s).numel() for s in shapes)
@@ -224,9 +433,21 @@ def main(argv=None):
     param_bytes = n_params * 4
     info = machine(device)
     print(f"# {args.params}: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors; {info}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = ("_" + args.tag) if args.tag else ""
+    wall0 = time.perf_counter()
+
+    if args.schedule:
+        rows = schedule_case(args, shapes, grads, device)
+        info["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+        info["wall_s"] = round(time.perf_counter() - wall0, 1)
+        stem = f"step_time_{args.params}_{device.type}_schedule{tag}"
+        write_schedule(rows, args, argv, info, out, stem)
+        print(f"wrote {out / stem}.csv and .md", flush=True)
+        return rows
 
     rows = []
-    wall0 = time.perf_counter()
     for name, mode, builders in build_groups(args, shapes, grads, device):
         contenders = run_group(builders, shapes, grads, device, args)
         med = {c.label: statistics.median(c.times) for c in contenders}
@@ -235,45 +456,47 @@ def main(argv=None):
             rows.append({
                 "group": f"{name}/{mode}",
                 "optimizer": c.optimizer, "mode": c.mode, "path": c.path, "runs": c.impl or "torch",
+                "backend": c.backend,
                 "median_ms": round(med[c.label] * 1e3, 3),
                 "min_ms": round(min(c.times) * 1e3, 3),
                 "ratio_to_torch_fused_adamw": round(med[c.label] / base, 3),
                 "compile_s": "" if c.compile_s != c.compile_s else round(c.compile_s, 3),
+                "first_step_built": c.first,
                 "state_bytes_per_param_byte": round(state_bytes(c.opt) / param_bytes, 2),
-                "transient_param_sizes": round(c.transient / param_bytes, 3),
+                "transient_param_sizes": "" if c.transient != c.transient else round(c.transient / param_bytes, 3),
             })
             r = rows[-1]
             print(f"{r['group']:<22} {c.label:<28} {r['median_ms']:>9.2f} ms  x{r['ratio_to_torch_fused_adamw']:<6} "
-                  f"compile {r['compile_s'] or '-':>6} s  transient {r['transient_param_sizes']}", flush=True)
+                  f"first {r['compile_s'] or '-':>6} s  {c.path_taken}  transient {r['transient_param_sizes']}",
+                  flush=True)
         del contenders
-        gc.collect()
+        release(device)
     info["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     info["wall_s"] = round(time.perf_counter() - wall0, 1)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"step_time_{args.params}_{device.type}{('_' + args.tag) if args.tag else ''}"
+    stem = f"step_time_{args.params}_{device.type}{tag}"
     with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     md = [f"# Optimizer step time: `{args.params}` ({n_params / 1e6:.1f}M parameters, {len(shapes)} tensors)", "",
-          "Command: `python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
+          "Command: `python benchmarks/step_time.py " + " ".join(argv) + "`", "",
           "| machine | |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in info.items()]
-    md += ["", f"Median of {args.repeats} interleaved rounds after warm-up; ratio = median / median of "
+    md += ["", f"Median of {args.repeats} interleaved rounds after warm-up "
+           f"({'CUDA events' if device.type == 'cuda' else 'wall clock'}); ratio = median / median of "
            "`torch.optim.AdamW(fused=True)` in the same group. runs = what the step executed (kernel: the "
-           "generated CPU kernel; graph: the torch.compile graph; eager: the foreach operations; torch: "
-           "torch.optim). compile = the first fused step (s): the "
-           "kernel's build or the graph's compile, or their load from the cache. "
-           "transient = peak memory allocated during one step beyond the persistent state, in units of the "
-           "parameters' size.", "",
-           "| optimizer | mode | path | runs | ms | x fused AdamW | compile s | state / params | transient |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|"]
+           "generated kernel of the backend named; eager: the foreach operations; torch: torch.optim). "
+           "first step s = the first fused step, wall clock: state creation, the kernel's build or its load "
+           "from the cache (what it built/loaded is listed), and the step. transient = peak memory allocated "
+           "during one step beyond the persistent state, in units of the parameters' size.", "",
+           "| optimizer | mode | path | runs | backend | ms | x fused AdamW | first step s | first step built | "
+           "state / params | transient |",
+           "|---|---|---|---|---|---:|---:|---:|---|---:|---:|"]
     for r in rows:
-        md.append(f"| {r['optimizer']} | {r['mode']} | {r['path']} | {r['runs']} | {r['median_ms']:.2f} | "
-                  f"{r['ratio_to_torch_fused_adamw']:.2f} | {r['compile_s']} | {r['state_bytes_per_param_byte']} | "
-                  f"{r['transient_param_sizes']} |")
+        md.append(f"| {r['optimizer']} | {r['mode']} | {r['path']} | {r['runs']} | {r['backend']} | "
+                  f"{r['median_ms']:.2f} | {r['ratio_to_torch_fused_adamw']:.2f} | {r['compile_s']} | "
+                  f"{r['first_step_built']} | {r['state_bytes_per_param_byte']} | {r['transient_param_sizes']} |")
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out / stem}.csv and .md", flush=True)
     return rows

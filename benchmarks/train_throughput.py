@@ -2,7 +2,8 @@
 
 Runs ``examples/image_classification/run_image_classification.py`` (its offline default: a small ViT
 trained from scratch on scikit-learn's digits) in this process, once per contender and round; rounds
-interleave the contenders, round 0 is a warm-up (it includes the kernel's build and the graph's compile) and is not counted.
+interleave the contenders, round 0 is a warm-up (it includes the kernel's build) and is not counted.
+A contender's path is chosen by ``HF_WIN_FUSED_BACKEND`` (set for its runs only) and ``--optim_args``.
 Reports the Trainer's ``train_samples_per_second`` (median over rounds) and its ratio to
 ``--optim adamw_torch_fused``, the fastest torch AdamW, measured in the same run.
 
@@ -30,33 +31,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_time import machine  # noqa: E402
 
-# (label, --optim, extra flags). The default path of every Win optimizer on CPU is the generated kernel
-# (fused=None); "compiled" is fused=True with that kernel off (hf_win.optim._fused.CPU_KERNEL = False).
+# (label, --optim, extra flags, HF_WIN_FUSED_BACKEND or None). The default path of every Win optimizer on
+# CPU is the generated C kernel (fused=None, backend auto); HF_WIN_FUSED_BACKEND=foreach turns every
+# kernel off (the default then runs foreach).
 CONTENDERS = [
-    ("torch AdamW (fused)", "adamw_torch_fused", ["--acceleration_mode", "win"]),  # (the example defaults to win2)
-    ("torch AdamW (foreach)", "adamw_torch", ["--acceleration_mode", "win", "--optim_args", "foreach=True"]),
-    ("AdamW-Win win, default (kernel)", "adamw_win", ["--acceleration_mode", "win"]),
-    ("AdamW-Win win2, default (kernel)", "adamw_win", ["--acceleration_mode", "win2"]),
-    ("AdamW-Win win, foreach", "adamw_win", ["--acceleration_mode", "win", "--optim_args", "foreach=True"]),
-    ("AdamW-Win win, compiled", "adamw_win", ["--acceleration_mode", "win", "--optim_args", "fused=True"]),
+    ("torch AdamW (fused)", "adamw_torch_fused", ["--acceleration_mode", "win"], None),  # (the example defaults to win2)
+    ("torch AdamW (foreach)", "adamw_torch", ["--acceleration_mode", "win", "--optim_args", "foreach=True"], None),
+    ("AdamW-Win win, default (kernel)", "adamw_win", ["--acceleration_mode", "win"], None),
+    ("AdamW-Win win2, default (kernel)", "adamw_win", ["--acceleration_mode", "win2"], None),
+    ("AdamW-Win win, foreach", "adamw_win", ["--acceleration_mode", "win", "--optim_args", "foreach=True"], None),
+    ("AdamW-Win win, HF_WIN_FUSED_BACKEND=foreach", "adamw_win", ["--acceleration_mode", "win"], "foreach"),
 ]
 
 
-def one_run(optim, extra, steps, out_dir, model_args, cpu_kernel=True):
+def one_run(optim, extra, steps, out_dir, model_args, backend=None):
     import run_image_classification as example
 
     argv = ["--output_dir", out_dir, "--do_train", "--max_steps", str(steps), "--optim", optim,
             "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no", "--logging_strategy", "no",
             "--disable_tqdm", "true", "--do_eval", "false", "--log_level", "error", "--seed", "0", *model_args, *extra]
-    from hf_win.optim import _fused
+    from step_time import backend as fused_backend
 
-    saved = _fused.CPU_KERNEL
-    _fused.CPU_KERNEL = cpu_kernel
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            metrics = example.run(argv)
-    finally:
-        _fused.CPU_KERNEL = saved
+    with fused_backend(backend), contextlib.redirect_stdout(io.StringIO()):
+        metrics = example.run(argv)
     return metrics["train_samples_per_second"]
 
 
@@ -74,14 +71,13 @@ def main(argv=None):
     import torch
 
     info = machine(torch.device("cpu"))
-    results = {label: [] for label, _, _ in CONTENDERS}
+    results = {label: [] for label, _, _, _ in CONTENDERS}
     wall0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds + 1):
             order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[: r % len(CONTENDERS)]
-            for label, optim, extra in order:
-                sps = one_run(optim, extra, args.steps, os.path.join(tmp, "run"), model_args,
-                              cpu_kernel=not label.endswith("compiled"))
+            for label, optim, extra, env in order:
+                sps = one_run(optim, extra, args.steps, os.path.join(tmp, "run"), model_args, backend=env)
                 print(f"round {r}{' (warm-up)' if r == 0 else ''}: {label:<26} {sps:8.1f} samples/s", flush=True)
                 if r > 0:
                     results[label].append(sps)
@@ -92,7 +88,7 @@ def main(argv=None):
     rows = [{"contender": label, "optim": optim, "flags": " ".join(extra),
              "samples_per_s": round(statistics.median(results[label]), 2),
              "ratio_to_torch_fused_adamw": round(statistics.median(results[label]) / base, 3),
-             "rounds": ";".join(f"{x:.1f}" for x in results[label])} for label, optim, extra in CONTENDERS]
+             "rounds": ";".join(f"{x:.1f}" for x in results[label])} for label, optim, extra, _ in CONTENDERS]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "train_throughput_cpu"
