@@ -24,7 +24,7 @@ from typing import List, Sequence
 import torch
 
 from . import cache
-from .ir import Program, Unsupported, exact_arrays, schedule
+from .ir import Program, Unsupported, exact_arrays, render, schedule, spelling
 
 __all__ = ["emit", "CKernel", "ELEMENT_TYPES"]
 
@@ -75,25 +75,11 @@ def _lit(x: float, ct: str) -> str:
     return f"(({ct}){x.hex()})"
 
 
-def _expr(e: tuple, ct: str) -> str:
-    kind = e[0]
-    if kind == "v":
-        return f"v{e[1]}"
-    if kind == "k":
-        return f"k{e[1]}"
-    if kind == "t":
-        return f"(({ct})T{e[1]})"
-    if kind == "c":
-        return _lit(e[1], ct)
-    if kind in "+-*/":
-        return f"({_expr(e[1], ct)} {kind} {_expr(e[2], ct)})"
-    if kind == "max":
-        return f"hf_max({_expr(e[1], ct)}, {_expr(e[2], ct)})"
-    if kind == "sqrt":
-        return f"{'sqrtf' if ct == 'float' else 'sqrt'}({_expr(e[1], ct)})"
-    if kind == "sign":
-        return f"hf_sign({_expr(e[1], ct)})"
-    raise Unsupported(f"element operation {kind!r}")
+def _spelling(ct: str) -> dict:
+    return spelling(
+        t=lambda j: f"(({ct})T{j})", c=lambda x: _lit(x, ct), max="hf_max({a}, {b})", sign="hf_sign({a})",
+        sqrt="sqrtf({a})" if ct == "float" else "sqrt({a})",
+    )
 
 
 def _tscalar(prog: Program, j: int) -> str:
@@ -133,8 +119,9 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
             et = ELEMENT_TYPES[dtypes[a]]
             val = f"bf16_load(a{a}[i])" if et == "uint16_t" else f"a{a}[i]"
             body.append(f"const {ct} v{vid} = ({ct}){val};")
+        spell = _spelling(ct)
         for vid, e in st.lets:
-            body.append(f"const {ct} v{vid} = {_expr(e, ct)};")
+            body.append(f"const {ct} v{vid} = {render(e, spell)};")
         for r, vid in st.reductions:
             body.append(f"acc{r}[LANE] += v{vid} * v{vid};")
         for a, vid in st.stores:

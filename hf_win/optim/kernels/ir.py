@@ -36,7 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Unsupported", "SymScalar", "Program", "trace", "schedule", "flatten_group", "compute_dtype", "exact_arrays"]
+__all__ = ["Unsupported", "SymScalar", "Program", "trace", "schedule", "flatten_group", "compute_dtype", "exact_arrays",
+           "render", "spelling"]
 
 
 class Unsupported(Exception):
@@ -481,6 +482,28 @@ class Stage:
         self.reductions: List[Tuple[int, int]] = []
         self.stores: List[Tuple[int, int]] = []
         self.tscalars: List[int] = []
+
+
+def render(expr: tuple, spell: Dict[str, Any]) -> str:
+    """An element expression in a back end's syntax. ``spell[kind]``: for the leaves (``v``, ``k``, ``t``,
+    ``c``) a function of the leaf's payload; for operations a format string over the rendered operands
+    ``a`` and ``b``. An operation the back end does not spell raises ``Unsupported``."""
+    kind = expr[0]
+    if kind not in spell:
+        raise Unsupported(f"element operation {kind!r}")
+    if kind in ("v", "k", "t", "c"):
+        return spell[kind](expr[1])
+    args = [render(a, spell) for a in expr[1:]]
+    return spell[kind].format(a=args[0], b=args[1] if len(args) > 1 else "")
+
+
+_ARITHMETIC = {op: f"({{a}} {op} {{b}})" for op in "+-*/"}
+
+
+def spelling(**kinds) -> Dict[str, Any]:
+    """A back end's spelling for ``render``: infix arithmetic, value names ``v<id>``, ``k<i>``, plus
+    ``kinds`` (the rest, and any override)."""
+    return {**_ARITHMETIC, "v": lambda x: f"v{x}", "k": lambda x: f"k{x}", **kinds}
 
 
 def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:

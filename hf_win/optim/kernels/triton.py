@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ir import Program, Unsupported, exact_arrays, schedule
+from .ir import Program, Unsupported, exact_arrays, render, schedule, spelling
 
 __all__ = ["emit", "TritonKernel"]
 
@@ -42,32 +42,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _expr(e: tuple, f64: bool) -> str:
-    kind = e[0]
-    if kind == "v":
-        return f"v{e[1]}"
-    if kind == "k":
-        return f"k{e[1]}"
-    if kind == "t":
-        return f"T{e[1]}c"
-    if kind == "c":
-        x = e[1]
-        if x != x or x in (float("inf"), float("-inf")):
-            raise Unsupported("a non-finite literal in the Triton kernel")
-        return repr(float(x))
-    a = _expr(e[1], f64)
-    if kind == "sqrt":
-        return f"tl.sqrt({a})" if f64 else f"tl.sqrt_rn({a})"
-    if kind == "sign":
-        return f"tl.where({a} > 0, 1.0, tl.where({a} < 0, -1.0, {a}))"
-    b = _expr(e[2], f64)
-    if kind == "/":
-        return f"({a} / {b})" if f64 else f"tl.div_rn({a}, {b})"
-    if kind in "+-*":
-        return f"({a} {kind} {b})"
-    if kind == "max":
-        return f"tl.where(({a} != {a}) | ({b} != {b}), {a} + {b}, tl.where({a} > {b}, {a}, {b}))"
-    raise Unsupported(f"element operation {kind!r}")
+def _literal(x: float) -> str:
+    if x != x or x in (float("inf"), float("-inf")):
+        raise Unsupported("a non-finite literal in the Triton kernel")
+    return repr(float(x))
+
+
+def _spelling(f64: bool) -> dict:
+    # correctly rounded division and square root in float32 (Triton's defaults are approximations)
+    return spelling(
+        t=lambda j: f"T{j}c", c=_literal, sign="tl.where({a} > 0, 1.0, tl.where({a} < 0, -1.0, {a}))",
+        max="tl.where(({a} != {a}) | ({b} != {b}), {a} + {b}, tl.where({a} > {b}, {a}, {b}))",
+        **({"sqrt": "tl.sqrt({a})"} if f64 else {"sqrt": "tl.sqrt_rn({a})", "/": "tl.div_rn({a}, {b})"}),
+    )
 
 
 def _tscalar(prog: Program, j: int) -> str:
@@ -115,8 +102,9 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
                 body.append(f"    v{vid} = (({raw}.to(tl.int32) << 16).to(tl.float32, bitcast=True)).to({ct})")
             else:
                 body.append(f"    v{vid} = {raw}.to({ct})")
+        spell = _spelling(f64)
         for vid, e in st.lets:
-            body.append(f"    v{vid} = {_expr(e, f64)}")
+            body.append(f"    v{vid} = {render(e, spell)}")
         for r, vid in st.reductions:
             body.append(f"    sq{r} = tl.where(mask, v{vid}.to(tl.float64) * v{vid}.to(tl.float64), 0.0)")
             body.append(f"    tl.store(PART + b * NRED + {r}, tl.sum(sq{r}, axis=0))")
