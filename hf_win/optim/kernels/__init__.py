@@ -5,8 +5,10 @@ kernel (``find``) and for the backend of a device (``backend_for``).
 A kernel is keyed by the *structure* of the update: the optimizer class, the arrays and their dtypes,
 which arrays are stochastically rounded, whether the optimizer clips, and the non-numeric group entries
 the step reads (mode, amsgrad, nesterov, maximize, ...); within that, by the guards its trace recorded
-(``ir``). Numbers are never part of a key. At most ``MAX_KERNELS`` (``$HF_WIN_MAX_KERNELS``, default 64)
-kernels are built per process; past that a group runs on foreach, with one warning.
+(``ir``). Numbers are never part of a key. At most ``$HF_WIN_MAX_KERNELS`` (default 512) kernels are built
+per process; past that a group runs on foreach, with one warning. (Every C kernel is a library mapped into
+the process: some 13,000 of them exhausted Linux's default ``vm.max_map_count`` and aborted it. A
+training run needs a handful: one per optimizer structure and dtype combination, two for SGD.)
 
 ``$HF_WIN_FUSED_BACKEND``: ``auto`` (default: the C kernel for CPU tensors, Triton for CUDA tensors
 where ``triton`` imports), ``c``, ``triton`` (also for CPU tensors, which only Triton's interpreter,
@@ -41,7 +43,7 @@ class Fallback(Exception):
 
 
 def max_kernels() -> int:
-    raw = os.environ.get("HF_WIN_MAX_KERNELS", "64")
+    raw = os.environ.get("HF_WIN_MAX_KERNELS", "512")
     try:
         return max(0, int(raw))
     except ValueError:
