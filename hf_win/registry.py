@@ -10,6 +10,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
+import torch
+
 from .optim import Adam, AdamW, Adan, LAMB, SGD, WinOptimizer
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "available_optimizers", "get_optimizer_spec", "create_optimizer"]
@@ -73,18 +75,24 @@ def create_optimizer(name: str, params, **kwargs) -> WinOptimizer:
 def markdown_table() -> str:
     """The README's optimizer table, generated from the registry (a test keeps the README in sync)."""
     rows = [
-        "| `--optim` name | class (alias) | defaults | state buffers per parameter: none / win / win2 | fp32 bytes per parameter: none / win / win2 |",
-        "|---|---|---|---|---|",
+        "| `--optim` name | class (alias) | defaults | state buffers per parameter: none / win / win2 | "
+        "bytes per parameter, fp32 state: none / win / win2 | bytes per parameter, `state_dtype=bfloat16`: none / win / win2 |",
+        "|---|---|---|---|---|---|",
     ]
     for spec in OPTIMIZERS.values():
         hp = spec.hyperparameters
-        shown = {k: v for k, v in hp.items() if k not in ("reckless_steps", "acceleration_mode", "foreach", "fused")}
+        shown = {k: v for k, v in hp.items() if k not in ("reckless_steps", "acceleration_mode", "foreach", "fused",
+                                                          "state_dtype", "bf16_stochastic_round", "rounding_seed")}
         defaults = ", ".join(
             f"{k}={'required' if v is inspect.Parameter.empty or v is None else v}" for k, v in shown.items()
         )
-        buffers = [spec.cls.buffers_per_parameter(m, **{k: v for k, v in hp.items() if v is not inspect.Parameter.empty}) for m in ("none", "win", "win2")]
+        hyper = {k: v for k, v in hp.items() if v is not inspect.Parameter.empty}
+        buffers = [spec.cls.buffers_per_parameter(m, **hyper) for m in ("none", "win", "win2")]
+        nbytes = {d: [spec.cls.state_bytes_per_parameter(m, torch.float32, **dict(hyper, state_dtype=d))
+                      for m in ("none", "win", "win2")] for d in ("float32", "bfloat16")}
         rows.append(
             f"| `{spec.name}` | `{spec.cls.__name__}` (`{spec.cls.__name__}_Win`) | {defaults} | "
-            f"{' / '.join(map(str, buffers))} | {' / '.join(str(4 * b) for b in buffers)} |"
+            f"{' / '.join(map(str, buffers))} | {' / '.join(map(str, nbytes['float32']))} | "
+            f"{' / '.join(map(str, nbytes['bfloat16']))} |"
         )
     return "\n".join(rows)

@@ -16,6 +16,7 @@ from transformers import Trainer
 
 from ._compat import CheckpointNamesMixin
 from .optim import WinOptimizer, check_partitioned
+from .optim._base import state_element_size
 from .training_args import is_win_optimizer, win_optimizer_kwargs
 
 __all__ = ["WinTrainer", "get_optimizer_cls_and_kwargs", "optimizer_state_bytes"]
@@ -42,9 +43,10 @@ def get_optimizer_cls_and_kwargs(args, model: Optional[torch.nn.Module] = None) 
 
 def optimizer_state_bytes(optimizer_cls: type, kwargs: Dict[str, Any], params) -> int:
     """Bytes of optimizer state ``optimizer_cls(**kwargs)`` will hold for ``params`` once every one has
-    been stepped (parameter-sized buffers in the parameters' dtype)."""
+    been stepped (parameter-sized buffers in ``kwargs["state_dtype"]``, else in the parameters' dtype)."""
     n = optimizer_cls.buffers_per_parameter(kwargs.get("acceleration_mode", "win"), **_hyper(kwargs))
-    return n * sum(p.numel() * p.element_size() for p in params)
+    state_dtype = kwargs.get("state_dtype")
+    return n * sum(p.numel() * state_element_size(state_dtype, p.dtype) for p in params)
 
 
 def _hyper(kwargs: Dict[str, Any]) -> Dict[str, Any]:

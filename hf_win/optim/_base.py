@@ -167,6 +167,21 @@ class WinOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: fused{where} must be None, True or False, got {group['fused']!r}")
         if group.get("fused") and group.get("foreach") is False:
             raise ValueError(f"{name}: fused=True{where} is a multi-tensor path; it cannot be combined with foreach=False")
+        if group.get("state_dtype") is not None:
+            try:
+                _as_dtype(group["state_dtype"])
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{name}: state_dtype{where} must be None (the parameter's dtype), 'float32' or 'bfloat16' "
+                    f"(or torch.float32 / torch.bfloat16), got {group['state_dtype']!r}"
+                ) from None
+        if not isinstance(group.get("bf16_stochastic_round", False), bool):
+            raise ValueError(
+                f"{name}: bf16_stochastic_round{where} must be True or False, got {group['bf16_stochastic_round']!r}"
+            )
+        seed = group.get("rounding_seed", 0)
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+            raise ValueError(f"{name}: rounding_seed{where} must be an int in [0, 2**31), got {seed!r}")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -178,6 +193,20 @@ class WinOptimizer(torch.optim.Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("max_grad_norm", self.defaults.get("max_grad_norm", 0.0))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, except that state buffers keep the dtype they were
+        saved in (torch casts them to the parameter's dtype: bfloat16 state of float32 parameters would come
+        back as float32, float32 state of bfloat16 parameters rounded to bfloat16)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                live = self.state[p].get(key)
+                if (isinstance(value, Tensor) and isinstance(live, Tensor) and value.is_floating_point()
+                        and live.dtype != value.dtype):
+                    self.state[p][key] = value.to(device=live.device, dtype=value.dtype, copy=True)
 
     # ------------------------------------------------------------------ subclass hooks
     @classmethod
@@ -483,3 +512,17 @@ class WinOptimizer(torch.optim.Optimizer):
     def buffers_per_parameter(cls, mode: str = "win", **hyper) -> int:
         """Parameter-sized buffers this optimizer keeps per parameter in ``mode``."""
         return len(cls._state_keys(hyper)) + len(extra_state_keys(mode))
+
+    @classmethod
+    def state_bytes_per_parameter(cls, mode: str = "win", param_dtype: torch.dtype = torch.float32, **hyper) -> int:
+        """State bytes per parameter element in ``mode``: the buffers times the size of the state dtype
+        (``hyper["state_dtype"]``, else ``param_dtype``; complex parameters keep complex state)."""
+        return cls.buffers_per_parameter(mode, **hyper) * state_element_size(hyper.get("state_dtype"), param_dtype)
+
+
+def state_element_size(state_dtype, param_dtype: torch.dtype) -> int:
+    """Bytes of one state element for a parameter of ``param_dtype`` under ``state_dtype`` (None: the
+    parameter's dtype, as for complex parameters)."""
+    if state_dtype is None or param_dtype.is_complex:
+        return param_dtype.itemsize
+    return _as_dtype(state_dtype).itemsize

@@ -16,7 +16,8 @@ class Adam(AdamW):
     r"""Adam (L2 weight decay) with Win / Win2 acceleration; ``acceleration_mode="none"`` is plain Adam.
 
     ``u = m / (sqrt(v) + eps) * sqrt(bc2) / bc1`` with ``g <- g + wd*p`` first.
-    Same arguments as :class:`AdamW`; ``weight_decay`` defaults to 0.
+    Same arguments as :class:`AdamW` (``state_dtype``, ``bf16_stochastic_round`` and ``rounding_seed``
+    included); ``weight_decay`` defaults to 0.
     """
 
     _integrated_decay = False
@@ -36,11 +37,15 @@ class Adam(AdamW):
         acceleration_mode: str = "win",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        state_dtype=None,
+        bf16_stochastic_round: bool = False,
+        rounding_seed: int = 0,
     ):
         super().__init__(
             params, lr=lr, betas=betas, reckless_steps=reckless_steps, eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad, max_grad_norm=max_grad_norm, acceleration_mode=acceleration_mode, foreach=foreach,
-            fused=fused,
+            fused=fused, state_dtype=state_dtype, bf16_stochastic_round=bf16_stochastic_round,
+            rounding_seed=rounding_seed,
         )
 
     def _direction(self, ops, group, params, grads, states, steps):

@@ -26,6 +26,8 @@ class Adan(WinOptimizer):
         lr (1e-3), betas ((0.98, 0.92, 0.99)), reckless_steps ((2.0, 8.0)), eps (1e-8), weight_decay (0;
         the Adan paper's ViT recipes use 0.02), max_grad_norm (0; ``<= 0`` disables),
         acceleration_mode ("win"), foreach (None), fused (None: see AdamW).
+        state_dtype (None: the parameter's dtype), bf16_stochastic_round (False), rounding_seed (0):
+        low-precision state and parameters, see AdamW.
     """
 
     _integrated_decay = True
@@ -46,11 +48,15 @@ class Adan(WinOptimizer):
         acceleration_mode: str = "win",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        state_dtype=None,
+        bf16_stochastic_round: bool = False,
+        rounding_seed: int = 0,
     ):
         defaults = dict(
             lr=lr, betas=betas,
             reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, acceleration_mode=acceleration_mode,
+            state_dtype=state_dtype, bf16_stochastic_round=bf16_stochastic_round, rounding_seed=rounding_seed,
         )
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
 

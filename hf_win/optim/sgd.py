@@ -22,6 +22,8 @@ class SGD(WinOptimizer):
         lr (required), momentum (0.9), dampening (0), reckless_steps ((2.0, 8.0)), weight_decay (0),
         max_grad_norm (0; ``<= 0`` disables), nesterov (True), acceleration_mode ("win"),
         eps (1e-8, used only by gradient clipping), foreach (None), fused (None: see AdamW).
+        state_dtype (None: the parameter's dtype), bf16_stochastic_round (False), rounding_seed (0):
+        low-precision state and parameters, see AdamW.
     """
 
     _integrated_decay = True
@@ -42,6 +44,9 @@ class SGD(WinOptimizer):
         eps: float = 1e-8,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        state_dtype=None,
+        bf16_stochastic_round: bool = False,
+        rounding_seed: int = 0,
     ):
         if lr is None:
             raise ValueError("SGD_Win: lr is required (a number >= 0)")
@@ -49,6 +54,7 @@ class SGD(WinOptimizer):
             lr=lr, momentum=momentum, dampening=dampening,
             reckless_steps=reckless_steps,
             weight_decay=weight_decay, nesterov=nesterov, acceleration_mode=acceleration_mode, eps=eps,
+            state_dtype=state_dtype, bf16_stochastic_round=bf16_stochastic_round, rounding_seed=rounding_seed,
         )
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
 
