@@ -347,3 +347,25 @@ def test_optim_args_as_a_mapping():
     )
     _, kwargs = hf_win.get_optimizer_cls_and_kwargs(args)
     assert (kwargs["state_dtype"], kwargs["rounding_seed"], kwargs["bf16_stochastic_round"]) == ("bfloat16", 3, False)
+
+
+def test_the_command_line_reaches_the_optimizer():
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(hf_win.WinTrainingArguments).parse_args_into_dataclasses([
+        "--output_dir", "unused", "--report_to", "none", "--optim", "sgd_win", "--acceleration_mode", "win2",
+        "--optim_args", "state_dtype=bfloat16,bf16_stochastic_round=True",
+    ])
+    cls, kwargs = hf_win.get_optimizer_cls_and_kwargs(args)
+    assert cls is hf_win.SGD and kwargs["state_dtype"] == "bfloat16" and kwargs["bf16_stochastic_round"] is True
+
+
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True)], ids=["per-tensor", "foreach"])
+def test_rounding_in_chunks_is_bitwise_the_same(monkeypatch, path):
+    from hf_win.optim import _base
+
+    init, grads = _problem(steps=3)
+    whole = _tensors(*reversed(_run(hf_win.AdamW, "win2", init, grads, **LOW, **path)))
+    monkeypatch.setattr(_base, "_SR_CHUNK", 100)  # every tensor in several chunks, the last one partial
+    chunked = _tensors(*reversed(_run(hf_win.AdamW, "win2", init, grads, **LOW, **path)))
+    assert all(torch.equal(x, y) for x, y in zip(whole, chunked))

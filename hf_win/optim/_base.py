@@ -52,6 +52,10 @@ def _as_dtype(value) -> torch.dtype:
     return value
 
 
+#: Elements rounded stochastically at a time on the eager paths (bounds the rounding's temporaries).
+_SR_CHUNK = 1 << 16
+
+
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -453,7 +457,15 @@ class WinOptimizer(torch.optim.Optimizer):
                     continue
                 if rounding[j]:
                     key = _rounding.tensor_key(_rounding.stream(seed, step, j), pid)
-                    dst.copy_(_rounding.to_bf16(src, key, _rounding.memory_offsets(dst)))
+                    if dst.is_contiguous() and src.is_contiguous():
+                        # in chunks: the rounding's int64 temporaries are ~40 bytes per element
+                        d, s = dst.view(-1), src.view(-1)
+                        for lo in range(0, d.numel(), _SR_CHUNK):
+                            hi = min(lo + _SR_CHUNK, d.numel())
+                            offsets = torch.arange(lo, hi, device=d.device, dtype=torch.int64)
+                            d[lo:hi].copy_(_rounding.to_bf16(s[lo:hi], key, offsets))
+                    else:
+                        dst.copy_(_rounding.to_bf16(src, key, _rounding.memory_offsets(dst)))
                 else:
                     dst.copy_(src)
 
