@@ -534,6 +534,13 @@ def report(out: Path, tasks: List[Task], opts, modes, mults, seeds, meta: dict) 
     plots(out, tasks, opts, modes, mults, by)
 
 
+def _curves(rs):
+    """The logged steps of the first run and every run's losses on them (NaN where not finite)."""
+    steps = [s for s, _ in rs[0]["curve"]]
+    ys = np.array([[l for _, l in r["curve"]][: len(steps)] for r in rs], dtype=float)
+    return steps, np.where(np.isfinite(ys), ys, np.nan)
+
+
 def _bytes_per_parameter(opt: str, mode: str, precision: str) -> tuple:
     """(parameter bytes, optimizer-state bytes) per parameter element in ``precision``."""
     param_dtype, lowp = PRECISIONS[precision]
@@ -611,9 +618,7 @@ def report_lowp(out: Path, tasks: List[Task], opts, modes, seeds, meta: dict) ->
                 rs = list(by.get((task.name, opt, mode, precision), {}).values())
                 if not rs:
                     continue
-                steps = [s_ for s_, _ in rs[0]["curve"]]
-                ys = np.array([[l for _, l in r["curve"]][: len(steps)] for r in rs], dtype=float)
-                ys = np.where(np.isfinite(ys), ys, np.nan)
+                steps, ys = _curves(rs)
                 with np.errstate(all="ignore"):
                     ax.plot(steps, np.nanmean(ys, 0), color=colors[precision], lw=1.3, label=precision)
                     ax.fill_between(steps, np.nanmin(ys, 0), np.nanmax(ys, 0), color=colors[precision], alpha=0.12)
@@ -645,9 +650,7 @@ def plots(out: Path, tasks, opts, modes, mults, by) -> None:
                     rs = by.get((task.name, opt, mode, mult), [])
                     if not rs:
                         continue
-                    steps = [s for s, _ in rs[0]["curve"]]
-                    ys = np.array([[l for _, l in r["curve"]][: len(steps)] for r in rs], dtype=float)
-                    ys = np.where(np.isfinite(ys), ys, np.nan)
+                    steps, ys = _curves(rs)
                     with np.errstate(all="ignore"):
                         mean = np.nanmean(ys, 0)
                     ax.plot(steps, mean, ls, color=colors.get(mode), lw=1.3, label=f"{mode} {mult}x")

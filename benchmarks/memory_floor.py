@@ -142,15 +142,20 @@ def state_memory(numel: int, steps: int = 3):
     return rows, n, shapes
 
 
-def write_state_report(rows, n, shapes, out: Path, argv) -> None:
+def _csv_and_header(out: Path, stem: str, rows, title: str, argv) -> list:
+    """Write ``<stem>.csv``; return the markdown report's first lines (title, command, machine)."""
     info = machine(torch.device("cpu"))
-    with open(out / "memory_state_cpu.csv", "w", newline="") as f:
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    md = ["# Optimizer state and step memory per parameter", "",
-          "Command: `python benchmarks/memory_floor.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
-          "", "| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in info.items()]
+    return [f"# {title}", "",
+            "Command: `python benchmarks/memory_floor.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
+            "", "| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in info.items()]
+
+
+def write_state_report(rows, n, shapes, out: Path, argv) -> None:
+    md = _csv_and_header(out, "memory_state_cpu", rows, "Optimizer state and step memory per parameter", argv)
     md += ["", f"{n} parameters in {len(shapes)} tensors {shapes}. Bytes per parameter element. *state*: exact, "
            "from the state tensors after the first step. *transient*: the peak of memory allocated through "
            "torch's CPU allocator during one later step beyond what existed before it (`torch.profiler` "
@@ -212,16 +217,9 @@ def main(argv=None):
     rows = [{"loop": k, "median_ms": round(statistics.median(v) * 1e3, 3),
              "ratio_to_torch_fused_adamw": round(statistics.median(v) / base, 3),
              "arrays_per_element": {0: 7, 1: 7, 2: 9, 3: 11}[i]} for i, (k, v) in enumerate(times.items())]
-    info = machine(torch.device("cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "memory_floor_cpu.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    md = ["# Memory-traffic floor of an optimizer step", "",
-          "Command: `python benchmarks/memory_floor.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
-          "", "| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in info.items()]
+    md = _csv_and_header(out, "memory_floor_cpu", rows, "Memory-traffic floor of an optimizer step", argv)
     md += ["", f"{args.numel} float32 elements; median of {args.repeats} interleaved rounds.", "",
            "| loop | arrays per element | ms | x fused AdamW |", "|---|---:|---:|---:|"]
     md += [f"| {r['loop']} | {r['arrays_per_element']} | {r['median_ms']:.2f} | {r['ratio_to_torch_fused_adamw']:.3f} |"
