@@ -24,8 +24,17 @@ Outputs (``--out``, default ``benchmarks/results/convergence``): ``runs.jsonl`` 
 its curve; the grid resumes from it), ``runs.csv``, ``curves.csv``, ``tuning.csv``, ``tuned_lr.json``,
 ``summary.md``, ``loss_curves_<task>.png``, ``robustness_<task>.png``, ``command.txt``.
 
+Low-precision arm (``--stage lowp``, also part of ``--stage all``): AdamW-Win2 and SGD-Win2 at the base
+learning rate, every seed, both tasks, each in four precisions: ``fp32`` (the reference, rerun with the
+same code), ``bf16_state`` (``state_dtype=bfloat16``: fp32 parameters, bf16 moments and Win sequences),
+``bf16_params_sr`` (the model in bfloat16, bf16 state, ``bf16_stochastic_round=True``) and
+``bf16_params_nearest`` (the same without stochastic rounding: what pure-bf16 training did before).
+Outputs ``runs_low_precision.jsonl``/``.csv``, ``summary_low_precision.md``,
+``loss_curves_low_precision_<task>.png``, ``command_low_precision.txt``.
+
     python benchmarks/convergence.py                 # full grid (tune + 360 runs), < 1 h on 2 cores
     python benchmarks/convergence.py --quick --out /tmp/conv   # reduced grid, < 2 min
+    python benchmarks/convergence.py --stage lowp              # the low-precision arm only (48 runs)
 """
 
 from __future__ import annotations
@@ -73,6 +82,14 @@ LOG_EVERY = 5                # Trainer logging_steps: the curve's resolution
 # --quick: a smoke run of every stage (no tuning: base lrs from FALLBACK_BASE_LR), < 2 min on 2 cores
 QUICK = dict(optimizers=["adamw_win", "sgd_win"], lr_multipliers=[1, 8], seeds=[0, 1], steps=20)
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "convergence"
+# The low-precision arm: precision -> (model parameter dtype or None, extra optimizer keywords).
+PRECISIONS = {
+    "fp32": (None, {}),
+    "bf16_state": (None, {"state_dtype": "bfloat16"}),
+    "bf16_params_sr": (torch.bfloat16, {"state_dtype": "bfloat16", "bf16_stochastic_round": True}),
+    "bf16_params_nearest": (torch.bfloat16, {"state_dtype": "bfloat16", "bf16_stochastic_round": False}),
+}
+LOWP = dict(optimizers=["adamw_win", "sgd_win"], modes=["win2"])
 
 # Tuning grids (half-decades). SGD's step is not normalised, so its grid sits higher.
 LR_GRID_ADAPTIVE = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -216,13 +233,14 @@ BACKENDS = ("wintrainer", "trainer+registry")
 
 
 def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, workdir: str,
-            backend: str = "wintrainer") -> dict:
+            backend: str = "wintrainer", precision: str = "fp32") -> dict:
     """Train one model through the Hugging Face Trainer; return its record (curve included).
 
     ``backend="wintrainer"``: ``hf_win.WinTrainer`` + ``hf_win.WinTrainingArguments(optim=<registry name>)``
     (what the benchmark reports). ``"trainer+registry"``: the plain ``transformers.Trainer`` handed the
     registry class and the same keywords through ``optimizer_cls_and_kwargs`` (the stand-in used before
-    the Trainer integration existed; kept to check that both give the same runs).
+    the Trainer integration existed; kept to check that both give the same runs). ``precision``: one of
+    :data:`PRECISIONS` (the model's dtype and the low-precision optimizer keywords).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -232,8 +250,11 @@ def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, w
     train_ds, heldout_ds = task.data()
     spec = get_optimizer_spec(opt)
     cls, hyper = spec.cls, spec.hyperparameters
+    param_dtype, lowp = PRECISIONS[precision]
     torch.manual_seed(seed)
     model = task.model()
+    if param_dtype is not None:  # initialised in float32 (the same weights as fp32), then rounded
+        model.to(param_dtype)
 
     curve: List[List[float]] = []
 
@@ -257,6 +278,9 @@ def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, w
             optim_args = f"beta3={hyper['betas'][2]}" if len(hyper["betas"]) == 3 else None
             if optim_args:
                 extra["optim_args"] = optim_args
+        if lowp:  # what a user types: --optim_args state_dtype=bfloat16,bf16_stochastic_round=True
+            items = [extra["optim_args"]] if "optim_args" in extra else []
+            extra["optim_args"] = ",".join(items + [f"{k}={v}" for k, v in lowp.items()])
         if "eps" in hyper:
             extra["adam_epsilon"] = hyper["eps"]
         args = hf_win.WinTrainingArguments(optim=opt, acceleration_mode=mode, **common, **extra)
@@ -266,6 +290,7 @@ def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, w
         kwargs = dict(lr=lr, weight_decay=WEIGHT_DECAY, acceleration_mode=mode, max_grad_norm=0.0,
                       reckless_steps=(2.0, 8.0))
         kwargs.update({k: hyper[k] for k in ("betas", "eps") if k in hyper})
+        kwargs.update(lowp)
         trainer = transformers.Trainer(
             model=model, args=args, train_dataset=train_ds, callbacks=[Recorder()],
             optimizer_cls_and_kwargs=(cls, kwargs),
@@ -275,29 +300,36 @@ def run_one(task: Task, opt: str, mode: str, lr: float, seed: int, steps: int, w
     trainer.train()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     metric = task.evaluate(model, heldout_ds)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    state_dtypes = sorted({str(v.dtype) for st in inner.state.values() for v in st.values()
+                           if isinstance(v, torch.Tensor) and v.dim() > 0})
     losses = [l for _, l in curve]
     tail = losses[-max(1, len(losses) // 10):]  # last 10 % of the logged points
     final = sum(tail) / len(tail)
     diverged = (not all(math.isfinite(l) for l in losses)) or (not math.isfinite(final)) or final > losses[0]
     return dict(
-        task=task.name, optimizer=opt, mode=mode, lr=lr, seed=seed, steps=steps,
+        task=task.name, optimizer=opt, mode=mode, lr=lr, seed=seed, steps=steps, precision=precision,
         final_train_loss=final, metric_name=task.metric, heldout_metric=metric, diverged=bool(diverged),
         train_wall_s=round(wall, 3), train_cpu_s=round(cpu, 3), backend=backend, optimizer_class=type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
-        curve=curve,
+        param_dtypes=sorted({str(q.dtype) for q in model.parameters()}), state_dtypes=state_dtypes,
+        step_path=inner.step_path() if hasattr(inner, "step_path") else None, curve=curve,
     )
 
 
 def _key(r: dict, stage: str) -> tuple:
-    return (stage, r["task"], r["optimizer"], r["mode"], float(r["lr"]), int(r["seed"]))
+    precision = r.get("precision", "fp32")
+    return (stage, r["task"], r["optimizer"], r["mode"], float(r["lr"]), int(r["seed"])) + (
+        (precision,) if precision != "fp32" else ())
 
 
 # ------------------------------------------------------------------------------------------- stages
 class Runner:
-    def __init__(self, out: Path, steps_override: Optional[int], resume: bool, backend: str):
+    def __init__(self, out: Path, steps_override: Optional[int], resume: bool, backend: str,
+                 raw_name: str = "runs.jsonl"):
         self.out = out
         self.backend = backend
         self.steps_override = steps_override
-        self.raw = out / "runs.jsonl"
+        self.raw = out / raw_name
         self.done: Dict[tuple, dict] = {}
         if resume and self.raw.exists():
             for line in self.raw.read_text().splitlines():
@@ -309,19 +341,20 @@ class Runner:
         self._tmp = tempfile.TemporaryDirectory(prefix="hfwin_conv_")  # the Trainer's output_dir (nothing is saved)
         self.workdir = self._tmp.name
 
-    def get(self, stage: str, task: Task, opt: str, mode: str, lr: float, seed: int, **extra) -> dict:
-        key = (stage, task.name, opt, mode, float(lr), int(seed))
+    def get(self, stage: str, task: Task, opt: str, mode: str, lr: float, seed: int, precision: str = "fp32",
+            **extra) -> dict:
+        key = _key(dict(task=task.name, optimizer=opt, mode=mode, lr=lr, seed=seed, precision=precision), stage)
         if key in self.done:
             return self.done[key]
         steps = self.steps_override or task.steps
         t0 = time.perf_counter()
-        r = run_one(task, opt, mode, lr, seed, steps, self.workdir, self.backend)
+        r = run_one(task, opt, mode, lr, seed, steps, self.workdir, self.backend, precision)
         r.update(stage=stage, run_wall_s=round(time.perf_counter() - t0, 3), **extra)
         with self.raw.open("a") as f:
             f.write(json.dumps(r) + "\n")
         self.done[key] = r
         print(
-            f"[{stage}] {task.name:11s} {opt:9s} {mode:4s} lr={lr:<8.3g} seed={seed:<4d} "
+            f"[{stage}] {task.name:11s} {opt:9s} {mode:4s} {precision:19s} lr={lr:<8.3g} seed={seed:<4d} "
             f"loss={r['final_train_loss']:.4f} {task.metric}={r['heldout_metric']:.4f}"
             f"{' DIVERGED' if r['diverged'] else ''} ({r['run_wall_s']:.1f}s)",
             flush=True,
@@ -349,6 +382,16 @@ def grid(runner, tasks, opts, modes, mults, seeds, base_lr) -> None:
                     for seed in seeds:
                         runner.get("grid", task, opt, mode, base_lr[task.name][opt] * mult, seed,
                                    lr_mult=mult, base_lr=base_lr[task.name][opt])
+
+
+def lowp_grid(runner, tasks, opts, modes, seeds, base_lr) -> None:
+    for task in tasks:
+        for opt in opts:
+            for mode in modes:
+                for precision in PRECISIONS:
+                    for seed in seeds:
+                        runner.get("lowp", task, opt, mode, base_lr[task.name][opt], seed, precision,
+                                   lr_mult=1, base_lr=base_lr[task.name][opt])
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -491,6 +534,106 @@ def report(out: Path, tasks: List[Task], opts, modes, mults, seeds, meta: dict) 
     plots(out, tasks, opts, modes, mults, by)
 
 
+def _curves(rs):
+    """The logged steps of the first run and every run's losses on them (NaN where not finite)."""
+    steps = [s for s, _ in rs[0]["curve"]]
+    ys = np.array([[l for _, l in r["curve"]][: len(steps)] for r in rs], dtype=float)
+    return steps, np.where(np.isfinite(ys), ys, np.nan)
+
+
+def _bytes_per_parameter(opt: str, mode: str, precision: str) -> tuple:
+    """(parameter bytes, optimizer-state bytes) per parameter element in ``precision``."""
+    param_dtype, lowp = PRECISIONS[precision]
+    param_dtype = param_dtype or torch.float32
+    cls = get_optimizer_spec(opt).cls
+    return param_dtype.itemsize, cls.state_bytes_per_parameter(mode, param_dtype, **lowp)
+
+
+def report_lowp(out: Path, tasks: List[Task], opts, modes, seeds, meta: dict) -> None:
+    """``summary_low_precision.md``, ``runs_low_precision.csv`` and ``loss_curves_low_precision_<task>.png``."""
+    rows = [json.loads(l) for l in (out / "runs_low_precision.jsonl").read_text().splitlines() if l.strip()]
+    by: Dict[tuple, Dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault((r["task"], r["optimizer"], r["mode"], r["precision"]), {})[int(r["seed"])] = r
+    cols = ["task", "optimizer", "mode", "precision", "lr", "seed", "steps", "final_train_loss", "metric_name",
+            "heldout_metric", "diverged", "param_dtypes", "state_dtypes", "step_path", "train_wall_s", "train_cpu_s"]
+    with (out / "runs_low_precision.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    cpu_txt = "" if meta.get("cpu_min") is None else f", training CPU time of all runs {meta['cpu_min']:.1f} min"
+    md = [f"# Convergence in low precision: fp32 vs bf16 state vs bf16 parameters ({meta['date']})", "",
+          f"Command: `{meta['command']}`", "",
+          f"Machine: {meta['machine']}; torch {torch.__version__}; torch threads {meta['threads']}; "
+          f"backend: {meta['backend']}; wall time of this invocation {meta['wall_min']:.1f} min{cpu_txt}.", "",
+          "Same setup as `summary.md` (weight decay, clipping, schedule, steps, batch), at each optimizer's base "
+          "learning rate (1x; `tuned_lr.json`), seeds " + str(list(seeds)) + ". Precisions: `fp32` (reference, "
+          "this run), `bf16_state` (`--optim_args state_dtype=bfloat16`), `bf16_params_sr` (model in bfloat16, "
+          "`state_dtype=bfloat16,bf16_stochastic_round=True`), `bf16_params_nearest` (model in bfloat16, bf16 "
+          "state, parameters rounded to nearest). Model in bfloat16 = forward and backward in bfloat16 too. "
+          "Cells: mean ± sample std over seeds; `Δ vs fp32`: mean ± std over seeds of the paired difference "
+          "(same seed = same initial weights, rounded for bf16 models, and same batches).", ""]
+    for task in tasks:
+        better = "higher" if task.higher_is_better else "lower"
+        md += [f"## {task.name}", "",
+               f"| optimizer | mode | precision | bytes/param (param + state) | final training loss | Δ loss vs fp32 | "
+               f"held-out {task.metric} ({better} is better) | Δ {task.metric} vs fp32 | div |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for opt in opts:
+            for mode in modes:
+                ref = by.get((task.name, opt, mode, "fp32"), {})
+                for precision in PRECISIONS:
+                    rs = by.get((task.name, opt, mode, precision), {})
+                    if not rs:
+                        continue
+                    pb, sb = _bytes_per_parameter(opt, mode, precision)
+                    cells = []
+                    for field_, digits in (("final_train_loss", 4), ("heldout_metric", 4)):
+                        m, sd, n = _mean_std([r[field_] for r in rs.values()])
+                        cells.append(fmt(m, sd, n, len(rs), digits))
+                        common = sorted(set(rs) & set(ref))
+                        if precision == "fp32" or not common:
+                            cells.append("")
+                        else:
+                            dm, ds, dn = _mean_std([rs[k][field_] - ref[k][field_] for k in common])
+                            cells.append(f"{dm:+.{digits}f} ± {ds:.{digits}f}" if dn else "—")
+                    div = sum(r["diverged"] for r in rs.values())
+                    md.append(f"| {opt} | {mode} | {precision} | {pb} + {sb} = {pb + sb} | " + " | ".join(cells)
+                              + f" | {div} |")
+        md.append("")
+    (out / "summary_low_precision.md").write_text("\n".join(md) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"fp32": "black", "bf16_state": "tab:blue", "bf16_params_sr": "tab:green",
+              "bf16_params_nearest": "tab:red"}
+    for task in tasks:
+        panels = [(o, m) for o in opts for m in modes]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+        for ax, (opt, mode) in zip(axes[0], panels):
+            for precision in PRECISIONS:
+                rs = list(by.get((task.name, opt, mode, precision), {}).values())
+                if not rs:
+                    continue
+                steps, ys = _curves(rs)
+                with np.errstate(all="ignore"):
+                    ax.plot(steps, np.nanmean(ys, 0), color=colors[precision], lw=1.3, label=precision)
+                    ax.fill_between(steps, np.nanmin(ys, 0), np.nanmax(ys, 0), color=colors[precision], alpha=0.12)
+            ax.set_title(f"{opt} {mode}")
+            ax.set_xlabel("step")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("training loss")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"{task.name}: training loss by precision (mean over seeds, band = min..max)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / f"loss_curves_low_precision_{task.name}.png", dpi=110)
+        plt.close(fig)
+
+
 def plots(out: Path, tasks, opts, modes, mults, by) -> None:
     import matplotlib
 
@@ -507,9 +650,7 @@ def plots(out: Path, tasks, opts, modes, mults, by) -> None:
                     rs = by.get((task.name, opt, mode, mult), [])
                     if not rs:
                         continue
-                    steps = [s for s, _ in rs[0]["curve"]]
-                    ys = np.array([[l for _, l in r["curve"]][: len(steps)] for r in rs], dtype=float)
-                    ys = np.where(np.isfinite(ys), ys, np.nan)
+                    steps, ys = _curves(rs)
                     with np.errstate(all="ignore"):
                         mean = np.nanmean(ys, 0)
                     ax.plot(steps, mean, ls, color=colors.get(mode), lw=1.3, label=f"{mode} {mult}x")
@@ -567,8 +708,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="reduced grid (2 optimizers, 3 modes, lr 1x/8x, 2 seeds, 20 steps, both tasks, no tuning): < 2 min")
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT.relative_to(ROOT)})")
-    p.add_argument("--stage", choices=("all", "tune", "grid", "report"), default="all",
-                   help="all = tune then grid then report; report = rebuild tables/plots from runs.jsonl")
+    p.add_argument("--stage", choices=("all", "tune", "grid", "report", "lowp", "lowp-report"), default="all",
+                   help="all = tune then grid then the low-precision arm then report; report = rebuild tables/plots "
+                   "from runs.jsonl; lowp = the low-precision arm only (base lrs from tuned_lr.json); lowp-report = "
+                   "rebuild its table and plots from runs_low_precision.jsonl")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
     p.add_argument("--optimizers", nargs="+", choices=available_optimizers(), default=None)
     p.add_argument("--modes", nargs="+", choices=MODES, default=None)
@@ -607,6 +750,8 @@ def main(argv=None) -> int:
         pass
 
     command = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, ROOT)] + list(sys.argv[1:] if argv is None else argv))
+    if a.stage in ("lowp", "lowp-report"):
+        return main_lowp(a, out, tasks, command)
     t0 = time.perf_counter()
     if a.stage != "report":
         runner = Runner(out, steps, resume=a.resume or a.stage == "grid", backend=a.backend)
@@ -621,6 +766,8 @@ def main(argv=None) -> int:
         if a.stage != "tune":
             grid(runner, tasks, opts, modes, mults, seeds, base_lr)
         runner._tmp.cleanup()
+        if a.stage == "all" and not a.quick:
+            main_lowp(a, out, tasks, command)
     wall = (time.perf_counter() - t0) / 60
     meta_file = out / "meta.json"
     if a.stage == "report" and meta_file.exists():
@@ -639,6 +786,43 @@ def main(argv=None) -> int:
     if a.stage in ("all", "grid", "report"):
         report(out, tasks, opts, modes, mults, seeds, meta)
     print(f"done in {wall:.1f} min -> {out}")
+    return 0
+
+
+def main_lowp(a, out: Path, tasks: List[Task], command: str) -> int:
+    """The low-precision arm (``--stage lowp``) and its report (``--stage lowp-report``)."""
+    opts = a.optimizers or LOWP["optimizers"]
+    modes = a.modes or LOWP["modes"]
+    seeds = a.seeds or list(SEEDS)
+    meta_file = out / "meta_low_precision.json"
+    t0 = time.perf_counter()
+    if a.stage == "lowp-report" and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+    else:
+        if a.stage != "lowp-report":
+            runner = Runner(out, a.steps, resume=a.resume, backend=a.backend, raw_name="runs_low_precision.jsonl")
+            base_lr = {t.name: {o: FALLBACK_BASE_LR[t.name][o] for o in opts} for t in tasks}
+            tuned_file = out / "tuned_lr.json"
+            if tuned_file.exists():
+                saved = json.loads(tuned_file.read_text())
+                base_lr = {t.name: {o: saved[t.name][o] for o in opts} for t in tasks}
+            lowp_grid(runner, tasks, opts, modes, seeds, base_lr)
+            runner._tmp.cleanup()
+            cpu = sum(r.get("train_cpu_s", 0) for r in runner.done.values()) / 60
+        else:
+            cpu = None
+        meta = dict(
+            date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command=command,
+            machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+            threads=a.threads, wall_min=(time.perf_counter() - t0) / 60, steps=a.steps,
+            backend={"wintrainer": "hf_win.WinTrainer + WinTrainingArguments(optim=<registry name>)",
+                     "trainer+registry": "transformers.Trainer + registry class via optimizer_cls_and_kwargs"}[a.backend],
+            cpu_min=cpu,
+        )
+        meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+        (out / "command_low_precision.txt").write_text(command + "\n")
+    report_lowp(out, tasks, opts, modes, seeds, meta)
+    print(f"low-precision arm done in {(time.perf_counter() - t0) / 60:.1f} min -> {out}")
     return 0
 
 

@@ -18,6 +18,7 @@ from transformers.trainer_callback import ExportableState, TrainerCallback
 from ._compat import CheckpointNamesMixin, OptimizerResumeLogMixin, model_card_hyperparameters
 from .optim import WinOptimizer, check_partitioned
 from .registry import get_optimizer_spec
+from .optim._base import state_element_size
 from .training_args import is_win_optimizer, win_optimizer_kwargs
 
 __all__ = ["WinTrainer", "get_optimizer_cls_and_kwargs", "optimizer_state_bytes", "win_settings", "WinSettingsCallback"]
@@ -66,9 +67,10 @@ class WinSettingsCallback(TrainerCallback, ExportableState):
 
 def optimizer_state_bytes(optimizer_cls: type, kwargs: Dict[str, Any], params) -> int:
     """Bytes of optimizer state ``optimizer_cls(**kwargs)`` will hold for ``params`` once every one has
-    been stepped (parameter-sized buffers in the parameters' dtype)."""
+    been stepped (parameter-sized buffers in ``kwargs["state_dtype"]``, else in the parameters' dtype)."""
     n = optimizer_cls.buffers_per_parameter(kwargs.get("acceleration_mode", "win"), **_hyper(kwargs))
-    return n * sum(p.numel() * p.element_size() for p in params)
+    state_dtype = kwargs.get("state_dtype")
+    return n * sum(p.numel() * state_element_size(state_dtype, p.dtype) for p in params)
 
 
 def _hyper(kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -72,9 +72,9 @@ def _n_betas(spec: OptimizerSpec) -> int:
 
 
 def optim_args_keys(name: str) -> Dict[str, str]:
-    """The ``--optim_args`` keys registry optimizer ``name`` accepts -> the kind of value ("float", "bool",
-    "bool|none"). Derived from the constructor signature minus :data:`MAPPED_KEYS`; a third beta (Adan)
-    is ``beta3``."""
+    """The ``--optim_args`` keys registry optimizer ``name`` accepts -> the kind of value ("float", "int",
+    "bool", "bool|none", "dtype|none"). Derived from the constructor signature minus :data:`MAPPED_KEYS`
+    (``state_dtype`` and ``rounding_seed`` by name); a third beta (Adan) is ``beta3``."""
     spec = get_optimizer_spec(name)
     keys: Dict[str, str] = {}
     if _n_betas(spec) == 3:
@@ -82,7 +82,9 @@ def optim_args_keys(name: str) -> Dict[str, str]:
     for key, default in spec.hyperparameters.items():
         if key in MAPPED_KEYS or key in TORCH_ONLY_KEYS:
             continue
-        if isinstance(default, bool):
+        if key in _KINDS:
+            keys[key] = _KINDS[key]
+        elif isinstance(default, bool):
             keys[key] = "bool"
         elif default is None:
             keys[key] = "bool|none"
@@ -94,6 +96,9 @@ def optim_args_keys(name: str) -> Dict[str, str]:
             )
     return keys
 
+
+# Keywords whose kind the default does not tell (None for a dtype, 0 for an int).
+_KINDS = {"state_dtype": "dtype|none", "rounding_seed": "int"}
 
 _FIELD_OF = {
     "lr": "`--learning_rate`",
@@ -129,7 +134,23 @@ def optim_args_markdown_table() -> str:
 
 
 def _convert(name: str, key: str, kind: str, raw: Any) -> Any:
-    accepted = {"bool": "true/false", "bool|none": "true/false/none", "float": "a number"}[kind]
+    accepted = {"bool": "true/false", "bool|none": "true/false/none", "float": "a number",
+                "int": "an integer in [0, 2**31)", "dtype|none": "float32, bfloat16 or none"}[kind]
+    if kind == "dtype|none":
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE):
+            return None
+        if isinstance(raw, torch.dtype):
+            raw = str(raw)
+        if isinstance(raw, str) and raw.strip().lower().replace("torch.", "") in ("float32", "bfloat16"):
+            return raw.strip().lower().replace("torch.", "")
+        raise ValueError(f"--optim_args: {key}={raw!r} for {name} is not valid; {key} takes {accepted}")
+    if kind == "int":
+        text = raw.strip() if isinstance(raw, str) else raw
+        if isinstance(text, str) and text.lstrip("+").isdigit():
+            text = int(text)
+        if isinstance(text, int) and not isinstance(text, bool) and 0 <= text < 2**31:
+            return text
+        raise ValueError(f"--optim_args: {key}={raw!r} for {name} is not valid; {key} takes {accepted}")
     if not isinstance(raw, str):  # from a dict (code, JSON, YAML)
         if kind.startswith("bool") and isinstance(raw, bool):
             return raw

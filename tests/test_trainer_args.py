@@ -127,14 +127,16 @@ def test_optim_args_keys_follow_the_registry():
         if "betas" in spec.accepted_keys and spec.cls._n_betas == 3:
             expected.add("beta3")
         assert keys == expected, name
+    low_precision = {"state_dtype", "bf16_stochastic_round", "rounding_seed"}
     assert set(optim_args_keys("lamb_win")) == {
-        "bias_correction", "grad_averaging", "trust_clip", "always_adapt", "foreach", "fused", "maximize"}
-    assert set(optim_args_keys("sgd_win")) == {"momentum", "dampening", "nesterov", "foreach", "fused", "maximize"}
-    assert set(optim_args_keys("adan_win")) == {"beta3", "foreach", "fused", "maximize"}
+        "bias_correction", "grad_averaging", "trust_clip", "always_adapt", "foreach", "fused", "maximize"} | low_precision
+    assert set(optim_args_keys("sgd_win")) == {"momentum", "dampening", "nesterov", "foreach", "fused", "maximize"} | low_precision
+    assert set(optim_args_keys("adan_win")) == {"beta3", "foreach", "fused", "maximize"} | low_precision
 
 
 def test_every_optim_args_key_reaches_the_optimizer():
-    values = {"bool": "false", "bool|none": "false", "float": "0.5"}
+    values = {"bool": "false", "bool|none": "false", "float": "0.5", "int": "7", "dtype|none": "bfloat16"}
+    expected = {"bool": False, "bool|none": False, "float": 0.5, "int": 7, "dtype|none": "bfloat16"}
     for name in OPTIMIZERS:
         keys = optim_args_keys(name)
         s = ",".join(f"{k}={values[kind]}" for k, kind in keys.items())
@@ -143,7 +145,7 @@ def test_every_optim_args_key_reaches_the_optimizer():
         opt = cls([__import__("torch").nn.Parameter(__import__("torch").ones(1))], **kw)
         for k, kind in keys.items():
             got = opt.defaults["betas"][2] if k == "beta3" else opt.defaults[k]
-            assert got == (0.5 if kind == "float" else False), (name, k)
+            assert got == expected[kind], (name, k)
 
 
 def test_set_optimizer_accepts_win_names_and_rolls_back_bad_values():

@@ -54,6 +54,10 @@ def _as_dtype(value) -> torch.dtype:
     return value
 
 
+#: Elements rounded stochastically at a time on the eager paths (bounds the rounding's temporaries).
+_SR_CHUNK = 1 << 16
+
+
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -235,6 +239,21 @@ class WinOptimizer(torch.optim.Optimizer):
                         f"{self.defaults.get(key)!r}; {key} is one value for all param groups (gradient "
                         f"clipping uses one global norm over every group): set it in the constructor"
                     )
+        if group.get("state_dtype") is not None:
+            try:
+                _as_dtype(group["state_dtype"])
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{name}: state_dtype{where} must be None (the parameter's dtype), 'float32' or 'bfloat16' "
+                    f"(or torch.float32 / torch.bfloat16), got {group['state_dtype']!r}"
+                ) from None
+        if not isinstance(group.get("bf16_stochastic_round", False), bool):
+            raise ValueError(
+                f"{name}: bf16_stochastic_round{where} must be True or False, got {group['bf16_stochastic_round']!r}"
+            )
+        seed = group.get("rounding_seed", 0)
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+            raise ValueError(f"{name}: rounding_seed{where} must be an int in [0, 2**31), got {seed!r}")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -288,9 +307,12 @@ class WinOptimizer(torch.optim.Optimizer):
           warned.
         - ``max_grad_norm`` (SGD: also ``eps``) is one value for the optimizer: a checkpoint's other value
           is replaced by this optimizer's, warned.
+        - State buffers keep the dtype they were saved in (``state_dtype``; torch would cast them to the
+          parameter's dtype).
         """
         converted, notes = _state_dict.prepare(self, state_dict)
         super().load_state_dict(converted)
+        self._keep_saved_dtypes(converted)
         _state_dict.finish(self)
         name = _state_dict.checkpoint_name(type(self))
         modes = sorted({g["acceleration_mode"] for g in self.param_groups})
@@ -299,6 +321,19 @@ class WinOptimizer(torch.optim.Optimizer):
             warnings.warn(self.last_load_report, UserWarning, stacklevel=2)
         else:
             self.last_load_report = f"{name}.load_state_dict: loaded as saved (acceleration_mode {'/'.join(modes)})"
+
+    def _keep_saved_dtypes(self, state_dict: dict) -> None:
+        """After torch's load: state buffers keep the dtype they were saved in (torch casts them to the
+        parameter's dtype: bfloat16 state of float32 parameters would come back as float32, float32 state
+        of bfloat16 parameters rounded to bfloat16)."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                live = self.state[p].get(key)
+                if (isinstance(value, Tensor) and isinstance(live, Tensor) and value.is_floating_point()
+                        and live.dtype != value.dtype):
+                    self.state[p][key] = value.to(device=live.device, dtype=value.dtype, copy=True)
 
     # ------------------------------------------------------------------ subclass hooks
     @classmethod
@@ -557,7 +592,15 @@ class WinOptimizer(torch.optim.Optimizer):
                     continue
                 if rounding[j]:
                     key = _rounding.tensor_key(_rounding.stream(seed, step, j), pid)
-                    dst.copy_(_rounding.to_bf16(src, key, _rounding.memory_offsets(dst)))
+                    if dst.is_contiguous() and src.is_contiguous():
+                        # in chunks: the rounding's int64 temporaries are ~40 bytes per element
+                        d, s = dst.view(-1), src.view(-1)
+                        for lo in range(0, d.numel(), _SR_CHUNK):
+                            hi = min(lo + _SR_CHUNK, d.numel())
+                            offsets = torch.arange(lo, hi, device=d.device, dtype=torch.int64)
+                            d[lo:hi].copy_(_rounding.to_bf16(s[lo:hi], key, offsets))
+                    else:
+                        dst.copy_(_rounding.to_bf16(src, key, _rounding.memory_offsets(dst)))
                 else:
                     dst.copy_(src)
 
@@ -616,3 +659,17 @@ class WinOptimizer(torch.optim.Optimizer):
     def buffers_per_parameter(cls, mode: str = "win", **hyper) -> int:
         """Parameter-sized buffers this optimizer keeps per parameter in ``mode``."""
         return len(cls._state_keys(hyper)) + len(extra_state_keys(mode))
+
+    @classmethod
+    def state_bytes_per_parameter(cls, mode: str = "win", param_dtype: torch.dtype = torch.float32, **hyper) -> int:
+        """State bytes per parameter element in ``mode``: the buffers times the size of the state dtype
+        (``hyper["state_dtype"]``, else ``param_dtype``; complex parameters keep complex state)."""
+        return cls.buffers_per_parameter(mode, **hyper) * state_element_size(hyper.get("state_dtype"), param_dtype)
+
+
+def state_element_size(state_dtype, param_dtype: torch.dtype) -> int:
+    """Bytes of one state element for a parameter of ``param_dtype`` under ``state_dtype`` (None: the
+    parameter's dtype, as for complex parameters)."""
+    if state_dtype is None or param_dtype.is_complex:
+        return param_dtype.itemsize
+    return _as_dtype(state_dtype).itemsize

@@ -16,7 +16,8 @@ class Adam(AdamW):
     r"""Adam (L2 weight decay) with Win / Win2 acceleration; ``acceleration_mode="none"`` is plain Adam.
 
     ``u = m / (sqrt(v) + eps) * sqrt(bc2) / bc1`` with ``g <- g + wd*p`` first.
-    Same arguments (``maximize``, ``capturable``, ``differentiable`` included) and the same torch
+    Same arguments (``maximize``, ``capturable``, ``differentiable``, ``state_dtype``,
+    ``bf16_stochastic_round`` and ``rounding_seed`` included) and the same torch
     compatibility as :class:`AdamW`; ``weight_decay`` defaults to 0. ``load_state_dict`` converts a
     ``torch.optim.Adam`` state dict (whose ``eps`` is added after the bias correction; here before it).
     """
@@ -43,11 +44,15 @@ class Adam(AdamW):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        state_dtype=None,
+        bf16_stochastic_round: bool = False,
+        rounding_seed: int = 0,
     ):
         super().__init__(
             params, lr=lr, betas=betas, reckless_steps=reckless_steps, eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad, max_grad_norm=max_grad_norm, acceleration_mode=acceleration_mode, foreach=foreach,
             fused=fused, maximize=maximize, capturable=capturable, differentiable=differentiable,
+            state_dtype=state_dtype, bf16_stochastic_round=bf16_stochastic_round, rounding_seed=rounding_seed,
         )
 
     def _direction(self, ops, group, params, grads, states, steps):

@@ -50,6 +50,17 @@ class AdamW(WinOptimizer):
         capturable, differentiable: accepted at torch's default (False) so that code written for
             ``torch.optim.AdamW`` passes them through; True raises ``ValueError`` (use torch's optimizer
             for CUDA graphs or a differentiable step).
+        state_dtype: dtype of every state buffer (moments, the Win sequences ``x``/``y``): None (default:
+            the parameter's dtype), ``torch.float32``/``"float32"`` or ``torch.bfloat16``/``"bfloat16"``.
+            Arithmetic is always in float32 (float64 for float64 parameters); bfloat16 buffers are written
+            with stochastic rounding, so small steps accumulate on average. AdamW-Win2 with bfloat16 state
+            keeps 8 bytes per parameter, torch's fp32 AdamW's. Complex parameters keep complex state.
+        bf16_stochastic_round: write bfloat16 *parameters* back with stochastic rounding (default False:
+            round to nearest, where an update below half a bfloat16 ulp is lost), so the expected update
+            equals the float32 one (torchao's name).
+        rounding_seed: an int in [0, 2**31) (default 0) seeding the rounding. The random bits are a
+            function of (seed, step, buffer, parameter index, element) (``hf_win/optim/_rounding.py``):
+            the same on every path, and a resumed run rounds exactly as the uninterrupted one.
 
     Compatibility with ``torch.optim.AdamW`` where nothing above says otherwise, as torch does: lr may be
     given in the param groups only; every hyper-parameter may be set per param group (except
@@ -81,11 +92,15 @@ class AdamW(WinOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        state_dtype=None,
+        bf16_stochastic_round: bool = False,
+        rounding_seed: int = 0,
     ):
         defaults = dict(
             lr=lr, betas=betas,
             reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, acceleration_mode=acceleration_mode,
+            state_dtype=state_dtype, bf16_stochastic_round=bf16_stochastic_round, rounding_seed=rounding_seed,
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused, maximize=maximize,

@@ -27,6 +27,8 @@ class Adan(WinOptimizer):
         the Adan paper's ViT recipes use 0.02), max_grad_norm (0; ``<= 0`` disables),
         acceleration_mode ("win"), foreach (None), fused (None: see AdamW), maximize (False),
         capturable / differentiable (False only; see AdamW). Torch compatibility as :class:`AdamW`.
+        state_dtype (None: the parameter's dtype), bf16_stochastic_round (False), rounding_seed (0):
+        low-precision state and parameters, see AdamW.
     """
 
     _integrated_decay = True
@@ -51,11 +53,15 @@ class Adan(WinOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        state_dtype=None,
+        bf16_stochastic_round: bool = False,
+        rounding_seed: int = 0,
     ):
         defaults = dict(
             lr=lr, betas=betas,
             reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, acceleration_mode=acceleration_mode,
+            state_dtype=state_dtype, bf16_stochastic_round=bf16_stochastic_round, rounding_seed=rounding_seed,
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused, maximize=maximize,

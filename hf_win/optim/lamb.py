@@ -30,6 +30,8 @@ class LAMB(WinOptimizer):
         Trainer use 0 and ``--max_grad_norm``), trust_clip (False), always_adapt (False),
         acceleration_mode ("win"), foreach (None), fused (None: see AdamW), maximize (False),
         capturable / differentiable (False only; see AdamW).
+        state_dtype (None: the parameter's dtype), bf16_stochastic_round (False), rounding_seed (0):
+        low-precision state and parameters, see AdamW.
 
     Without weight decay and without ``always_adapt`` there is no trust ratio: this is then exactly
     Adam(W)-Win with LAMB's defaults (timm's and the authors' semantics); a ``UserWarning`` says so once
@@ -63,12 +65,16 @@ class LAMB(WinOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        state_dtype=None,
+        bf16_stochastic_round: bool = False,
+        rounding_seed: int = 0,
     ):
         defaults = dict(
             lr=lr, bias_correction=bias_correction, betas=betas,
             reckless_steps=reckless_steps,
             eps=eps, weight_decay=weight_decay, grad_averaging=grad_averaging, trust_clip=trust_clip,
             always_adapt=always_adapt, acceleration_mode=acceleration_mode,
+            state_dtype=state_dtype, bf16_stochastic_round=bf16_stochastic_round, rounding_seed=rounding_seed,
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused, maximize=maximize,

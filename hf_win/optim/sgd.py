@@ -25,6 +25,8 @@ class SGD(WinOptimizer):
         max_grad_norm (0; ``<= 0`` disables), nesterov (True), acceleration_mode ("win"),
         eps (1e-8, used only by gradient clipping, so one value for all groups), foreach (None),
         fused (None: see AdamW), maximize (False), capturable / differentiable (False only; see AdamW).
+        state_dtype (None: the parameter's dtype), bf16_stochastic_round (False), rounding_seed (0):
+        low-precision state and parameters, see AdamW.
 
     As ``torch.optim.SGD`` with its ``required`` lr: lr may be given in the param groups only; an error
     is raised only when some group ends up without one. ``load_state_dict`` converts a
@@ -56,6 +58,9 @@ class SGD(WinOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        state_dtype=None,
+        bf16_stochastic_round: bool = False,
+        rounding_seed: int = 0,
     ):
         if lr is None:  # the authors' signature had lr=None for "required"
             lr = required
@@ -63,6 +68,7 @@ class SGD(WinOptimizer):
             lr=lr, momentum=momentum, dampening=dampening,
             reckless_steps=reckless_steps,
             weight_decay=weight_decay, nesterov=nesterov, acceleration_mode=acceleration_mode, eps=eps,
+            state_dtype=state_dtype, bf16_stochastic_round=bf16_stochastic_round, rounding_seed=rounding_seed,
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused, maximize=maximize,
