@@ -45,3 +45,13 @@ def image_folder(tmp_path_factory):
                 pixels[..., c] += 150  # the class is the dominant channel
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_kernels_per_module():
+    """Each test module starts with no kernel in the process (the on-disk cache still serves them), so
+    the per-process bound (HF_WIN_MAX_KERNELS) is never reached by what earlier modules built."""
+    from hf_win.optim import kernels
+
+    kernels.reset()
+    yield

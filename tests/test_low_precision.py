@@ -9,7 +9,6 @@ are bitwise; the memory accounting follows the state dtype; ``--optim_args`` rea
 
 import copy
 import io
-import os
 
 import pytest
 import torch
@@ -21,21 +20,6 @@ from hf_win.registry import OPTIMIZERS
 CLASSES = [spec.cls for spec in OPTIMIZERS.values()]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _own_kernel_budget():
-    """This module builds ~100 kernels; a process builds at most ``HF_WIN_MAX_KERNELS`` (64) and then runs
-    on foreach. Lift the bound here (so the kernel paths are tested whatever ran before) and give the count
-    back afterwards (so tests that run later in the same process still get kernels)."""
-    from hf_win.optim import kernels
-
-    before, env = kernels._COUNTS["kernels"], os.environ.get("HF_WIN_MAX_KERNELS")
-    os.environ["HF_WIN_MAX_KERNELS"] = "100000"
-    yield
-    kernels._COUNTS["kernels"] = before
-    if env is None:
-        os.environ.pop("HF_WIN_MAX_KERNELS", None)
-    else:
-        os.environ["HF_WIN_MAX_KERNELS"] = env
 MODES = ("none", "win", "win2")
 # The execution paths; ``{}`` is the default (the C kernel on CPU where a compiler exists).
 PATHS = [("per-tensor", dict(foreach=False)), ("foreach", dict(foreach=True)), ("kernel", {})]
