@@ -312,6 +312,9 @@ def test_explicit_eager_flags_are_honoured():
         opt.step()
         assert opt.step_path() == path
     assert kernels.counters()["calls"] == 0
+    for foreach in (True, False):  # as torch.optim refuses fused with foreach
+        with pytest.raises(ValueError, match=f"fused=True cannot be combined with foreach={foreach}"):
+            hf_win.AdamW([p], fused=True, foreach=foreach)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -229,8 +229,11 @@ class WinOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: foreach{where} must be None, True or False, got {group['foreach']!r}")
         if group.get("fused") not in (None, True, False):
             raise ValueError(f"{name}: fused{where} must be None, True or False, got {group['fused']!r}")
-        if group.get("fused") and group.get("foreach") is False:
-            raise ValueError(f"{name}: fused=True{where} is a multi-tensor path; it cannot be combined with foreach=False")
+        if group.get("fused") and group.get("foreach") is not None:
+            raise ValueError(
+                f"{name}: fused=True{where} cannot be combined with foreach={group['foreach']!r} (as in torch.optim): "
+                "fused is the kernel, foreach an eager path; leave foreach=None with fused=True"
+            )
         if not defaults and hasattr(self, "defaults"):
             for key in self._global_keys:
                 if key in group and group[key] != self.defaults.get(key):
