@@ -204,6 +204,20 @@ def test_tiny_resnet_on_the_offline_default(ric, tmp_path):
     assert config["model_type"] == "resnet" and config["depths"] == [1, 1] and len(config["id2label"]) == 10
 
 
+def test_pure_bfloat16_training_with_bf16_state_and_stochastic_rounding(ric, tmp_path):
+    """--torch_dtype bfloat16 keeps the parameters in bfloat16; the optimizer keeps bfloat16 state and writes
+    the parameters back with stochastic rounding (issue 14, through the example)."""
+    out = tmp_path / "out"
+    results = ric.run(["--config_overrides", TINY, "--max_steps", "3", "--per_device_train_batch_size", "16",
+                       "--output_dir", str(out), "--disable_tqdm", "true", "--torch_dtype", "bfloat16",
+                       "--optim_args", "state_dtype=bfloat16,bf16_stochastic_round=true"])
+    assert np.isfinite(results["train_loss"]) and "eval_top1_accuracy" in results
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+
 def test_tiny_resnet_on_an_image_folder(ric, image_folder, tmp_path):
     """A faithful-recipe ResNet, tiny: BCE on mixed soft targets, channels-last, drop path, zero-init, timm decay."""
     out = tmp_path / "out"

@@ -71,6 +71,13 @@ class ModelArguments:
     image_std: Optional[List[float]] = field(
         default=None, metadata={"help": "From scratch: normalisation std (3 numbers); default the image processor's."}
     )
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "Keep the model's parameters in this dtype ('float32', 'bfloat16', 'float16'); inputs are cast "
+                          "to it. Pure-bfloat16 training: --torch_dtype bfloat16 with --optim_args "
+                          "state_dtype=bfloat16,bf16_stochastic_round=true (unlike --bf16, which autocasts float32 "
+                          "parameters)."},
+    )
     drop_path_rate: float = field(
         default=0.0,
         metadata={"help": "Stochastic depth (timm --drop-path) for ViT: rate rising linearly over the layers to this value."},
@@ -687,6 +694,18 @@ def build_model(model_args: ModelArguments, labels: List[str], training_args):
         add_drop_path(model, model_args.drop_path_rate)
     if model_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if model_args.torch_dtype is not None:
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if model_args.torch_dtype not in dtypes:
+            raise UsageError(f"--torch_dtype must be one of {', '.join(dtypes)}, got {model_args.torch_dtype!r}")
+        model = model.to(dtypes[model_args.torch_dtype])
+
+        def cast_inputs(module, args, kwargs):
+            if torch.is_tensor(kwargs.get("pixel_values")) and kwargs["pixel_values"].is_floating_point():
+                kwargs["pixel_values"] = kwargs["pixel_values"].to(dtypes[model_args.torch_dtype])
+            return args, kwargs
+
+        model.register_forward_pre_hook(cast_inputs, with_kwargs=True)
     return model, image_processor
 
 
