@@ -389,14 +389,11 @@ class WinOptimizer(torch.optim.Optimizer):
         return torch.clamp(max_norm / (total + eps), max=1.0)
 
     # ------------------------------------------------------------------ the step
-    def _wants_kernel(self, group) -> Optional[bool]:
-        """None: no kernel (``foreach`` or ``fused=False`` asked for an eager path); False: a kernel where
-        one applies (the default, ``fused=None`` with ``foreach=None``); True: ``fused=True``."""
-        if group.get("fused"):
-            return True
-        if group.get("fused") is None and group.get("foreach") is None:
-            return False
-        return None
+    def _wants_kernel(self, group) -> bool:
+        """A kernel where one applies: with ``fused=True``, and by default (``fused=None`` with
+        ``foreach=None``); ``foreach=True/False`` or ``fused=False`` ask for an eager path. A fallback
+        from a kernel is logged once with its reason either way."""
+        return bool(group.get("fused")) or (group.get("fused") is None and group.get("foreach") is None)
 
     def _use_foreach(self, group, params) -> bool:
         flag = group.get("foreach")
@@ -419,9 +416,8 @@ class WinOptimizer(torch.optim.Optimizer):
             taken = self._paths_taken.get(i)
             if taken is None:
                 params = group["params"]
-                wants = self._wants_kernel(group)
                 taken = [self._eager_path(group, params)]
-                if wants is not None and params:
+                if self._wants_kernel(group) and params:
                     backend, why = kernels.backend_for(params[0].device)
                     if backend == "c":
                         why = kernels.c_compiler_missing()
@@ -509,9 +505,8 @@ class WinOptimizer(torch.optim.Optimizer):
 
         taken = []
         rest = list(range(len(params)))
-        wants = self._wants_kernel(group)
-        if wants is not None:
-            rest = self._run_kernels(group, arrays, steps, pids, clip, rest, wants, taken)
+        if self._wants_kernel(group):
+            rest = self._run_kernels(group, arrays, steps, pids, clip, rest, taken)
         if rest:
             path = self._eager_path(group, [params[i] for i in rest])
             self._run_eager(group, [arrays[i] for i in rest], [steps[i] for i in rest], [pids[i] for i in rest],
@@ -530,7 +525,7 @@ class WinOptimizer(torch.optim.Optimizer):
         seed = int(group.get("rounding_seed", 0))
         return [_rounding.stream(seed, step, a) for a, on in enumerate(rounding) if on]
 
-    def _run_kernels(self, group, arrays, steps, pids, clip, todo, required: bool, taken: list) -> list:
+    def _run_kernels(self, group, arrays, steps, pids, clip, todo, taken: list) -> list:
         """Step what a kernel can take; return the indices left for the eager path. Every kernel is
         obtained before any runs, so a failure never leaves a tensor stepped twice."""
         names = self._arrays(group)
@@ -540,9 +535,9 @@ class WinOptimizer(torch.optim.Optimizer):
         for i in todo:
             why = _kernel_eligible(arrays[i])
             if why:
-                path = f"{self._eager_path(group, [arrays[i][0]])} ({why})"
-                kernels.log_once(f"{type(self).__name__}: {why}; those tensors run on "
-                                 f"{self._eager_path(group, [arrays[i][0]])}")
+                eager = self._eager_path(group, [arrays[i][0]])
+                kernels.log_once(f"{type(self).__name__}: {why}; those tensors run on {eager}")
+                path = f"{eager} ({why})"
                 rest.append(i)
                 if path not in taken:
                     taken.append(path)
@@ -558,11 +553,11 @@ class WinOptimizer(torch.optim.Optimizer):
                     raise kernels.Fallback(why)
                 kernel, operands = kernels.find(self, group, names, list(dtypes), rounding, backend, step, clip_value)
             except kernels.Fallback as e:
-                reason = str(e)
-                if required or backend is not None or "HF_WIN_FUSED_BACKEND" not in reason:
-                    kernels.log_once(f"{reason}; the step runs on foreach instead")
+                reason, eager = str(e), self._eager_path(group, [arrays[i][0] for i in idx])
+                if kernels.backend_setting() != "foreach":  # a fallback the user did not ask for
+                    kernels.log_once(f"{reason}; the step runs on {eager} instead")
                 rest.extend(idx)
-                taken.append(f"{self._eager_path(group, [arrays[i][0] for i in idx])} ({reason})")
+                taken.append(f"{eager} ({reason})")
                 continue
             calls.append((kernel, idx, list(operands) + self._streams(group, step, rounding), device))
             if f"{backend} kernel" not in taken:
