@@ -138,8 +138,13 @@ def test_truncated_library_is_detected_by_hash_never_dlopened_and_rebuilt(dlopen
     cache.load_or_build(SRC, ENTRY, FLAGS)
     so, sidecar = _paths()
     size = os.path.getsize(so)
-    with open(so, "r+b") as f:
-        f.truncate(size // 2)  # a full disk or a killed writer (the old cache then died of SIGBUS)
+    # a full disk or a killed writer left half a file (the old cache then died of SIGBUS). It is a new file:
+    # truncating the one this process has mapped would crash this process, not test the cache.
+    with open(so, "rb") as f:
+        data = f.read()
+    with open(so + ".half", "wb") as f:
+        f.write(data[: size // 2])
+    os.replace(so + ".half", so)
     cache._reset_for_tests()
     del dlopened[:]
     with pytest.warns(cache.KernelCacheWarning, match=r"refusing the cached library .*hf_win_.*\.so: its SHA-256"):

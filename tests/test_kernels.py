@@ -351,10 +351,13 @@ def test_a_damaged_cache_file_is_rebuilt_not_loaded():
     folder = cache.cache_dir()
     libs = [f for f in os.listdir(folder) if f.endswith(".so")]
     assert libs
-    for f in libs:
-        path = os.path.join(folder, f)
-        with open(path, "r+b") as fh:
-            fh.truncate(os.path.getsize(path) // 2)
+    for f in libs:  # a truncated file takes its place (a new file, as a killed writer leaves one; the
+        path = os.path.join(folder, f)  # library this process has mapped is not touched)
+        with open(path, "rb") as fh:
+            data = fh.read()
+        with open(path + ".tmp", "wb") as fh:
+            fh.write(data[: len(data) // 2])
+        os.replace(path + ".tmp", path)
     kernels.reset()
     cache._reset_for_tests()
     p.grad = torch.ones_like(p)
