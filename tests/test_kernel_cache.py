@@ -77,7 +77,16 @@ def _cache_warnings(record):
 def _compile_plain(source, out, tmp_path):
     src = tmp_path / "plain.c"
     src.write_text(source)
-    subprocess.run([*cache.compiler()[0], *FLAGS, str(src), "-o", str(out)], check=True)
+    subprocess.run([*cache.compiler()[0], *FLAGS, str(src), "-o", str(tmp_path / "plain.so")], check=True)
+    os.replace(tmp_path / "plain.so", out)
+
+
+def _put(path, data: bytes) -> None:
+    """``data`` becomes the file at ``path`` as a new file (as a writer that died or a planted file leaves
+    it): rewriting the library this process has mapped in place would crash this process with SIGBUS."""
+    with open(str(path) + ".new", "wb") as f:
+        f.write(data)
+    os.replace(str(path) + ".new", path)
 
 
 # --------------------------------------------------------------------------------------------- basics
@@ -138,13 +147,8 @@ def test_truncated_library_is_detected_by_hash_never_dlopened_and_rebuilt(dlopen
     cache.load_or_build(SRC, ENTRY, FLAGS)
     so, sidecar = _paths()
     size = os.path.getsize(so)
-    # a full disk or a killed writer left half a file (the old cache then died of SIGBUS). It is a new file:
-    # truncating the one this process has mapped would crash this process, not test the cache.
-    with open(so, "rb") as f:
-        data = f.read()
-    with open(so + ".half", "wb") as f:
-        f.write(data[: size // 2])
-    os.replace(so + ".half", so)
+    with open(so, "rb") as f:  # a full disk or a killed writer left half a file (the old cache then died
+        _put(so, f.read()[: size // 2])  # of SIGBUS)
     cache._reset_for_tests()
     del dlopened[:]
     with pytest.warns(cache.KernelCacheWarning, match=r"refusing the cached library .*hf_win_.*\.so: its SHA-256"):
@@ -173,8 +177,7 @@ def test_file_that_does_not_load_is_rebuilt_not_a_crash():
     _need_cc()
     cache.load_or_build(SRC, ENTRY, FLAGS)
     so, sidecar = _paths()
-    with open(so, "wb") as f:
-        f.write(b"not an ELF file at all" * 100)
+    _put(so, b"not an ELF file at all" * 100)
     with open(sidecar, "w") as f:  # a consistent hash: only dlopen can tell
         f.write(_sha(so) + "\n")
     cache._reset_for_tests()
