@@ -133,8 +133,6 @@ def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], r
             _COUNTS["traces"] += 1
             traced = trace(optimizer._step_fn, group, arrays, step, clip)
             kernel = _build(backend, traced.prog, dtypes, rounding)
-        except Fallback as e:
-            raise e
         except Unsupported as e:
             reason = f"{type(optimizer).__name__}: the step cannot be fused ({e})"
             _FAILED[whole] = reason
