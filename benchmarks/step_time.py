@@ -365,15 +365,20 @@ def schedule_case(args, shapes, grads, device):
     return rows
 
 
-def write_schedule(rows, args, argv, info, out, stem):
+def write_results(rows, title, argv, info, out, stem) -> list:
+    """Write ``<stem>.csv``; return the head of ``<stem>.md`` (title, the command, the machine table)."""
     with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    md = [f"# Schedule case: `{args.params}`, OneCycleLR(cycle_momentum=True) against a constant schedule", "",
-          "Command: `python benchmarks/step_time.py " + " ".join(argv) + "`", "",
+    md = [f"# {title}", "", "Command: `python benchmarks/step_time.py " + " ".join(argv) + "`", "",
           "| machine | |", "|---|---|"]
-    md += [f"| {k} | {v} |" for k, v in info.items()]
+    return md + [f"| {k} | {v} |" for k, v in info.items()]
+
+
+def write_schedule(rows, args, argv, info, out, stem):
+    md = write_results(rows, f"Schedule case: `{args.params}`, OneCycleLR(cycle_momentum=True) against a constant "
+                       "schedule", argv, info, out, stem)
     md += ["", f"Each run: a fresh optimizer (`fused=True`) and `hf_win.optim.kernels.reset()`, then "
            f"{args.schedule_steps} steps; the scheduled runs call `OneCycleLR(max_lr=1e-3, "
            f"total_steps={args.schedule_steps}, cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)"
@@ -475,14 +480,8 @@ def main(argv=None):
     info["wall_s"] = round(time.perf_counter() - wall0, 1)
 
     stem = f"step_time_{args.params}_{device.type}{tag}"
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    md = [f"# Optimizer step time: `{args.params}` ({n_params / 1e6:.1f}M parameters, {len(shapes)} tensors)", "",
-          "Command: `python benchmarks/step_time.py " + " ".join(argv) + "`", "",
-          "| machine | |", "|---|---|"]
-    md += [f"| {k} | {v} |" for k, v in info.items()]
+    md = write_results(rows, f"Optimizer step time: `{args.params}` ({n_params / 1e6:.1f}M parameters, {len(shapes)} "
+                       "tensors)", argv, info, out, stem)
     md += ["", f"Median of {args.repeats} interleaved rounds after warm-up "
            f"({'CUDA events' if device.type == 'cuda' else 'wall clock'}); ratio = median / median of "
            "`torch.optim.AdamW(fused=True)` in the same group. runs = what the step executed (kernel: the "
