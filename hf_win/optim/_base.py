@@ -62,12 +62,6 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether ``t`` covers its memory without gaps or overlaps, in any dimension order."""
-    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 1)
-    return all(st >= 0 for st in t.stride()) and span == t.numel()
-
-
 def _strides(t: Tensor) -> tuple:
     """The strides that matter for the order of elements in memory (those of dimensions of size > 1)."""
     return tuple(st for s, st in zip(t.shape, t.stride()) if s > 1)
@@ -86,7 +80,7 @@ def _kernel_eligible(ts) -> str:
     for t in ts:
         if t.device != p.device or t.shape != p.shape:
             return "a gradient or state tensor whose device or shape differs from its parameter's is not fused"
-        if _strides(t) != _strides(p) or not _dense(t):
+        if _strides(t) != _strides(p) or not _rounding.is_dense(t):
             return ("tensors whose parameter, gradient and state differ in memory layout (e.g. channels_last "
                     "parameters with contiguous gradients) or have gaps are not fused")
     return ""
@@ -576,7 +570,7 @@ class WinOptimizer(torch.optim.Optimizer):
                 self._run_eager(group, arrays[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip, PER_TENSOR)
             return
         names = self._arrays(group)
-        compute = [torch.float64 if a[0].dtype == torch.float64 else torch.float32 for a in arrays]
+        compute = [kernels.ir.compute_dtype([t.dtype for t in a]) for a in arrays]
         work = [[t if t.dtype == c else t.to(c) for t in a] for a, c in zip(arrays, compute)]
         if clip is not None:
             clip = clip.to(arrays[0][0].device)

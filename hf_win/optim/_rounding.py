@@ -56,13 +56,19 @@ def random_bits(key: int, offsets: Tensor) -> Tensor:
     return _fmix32_t(((lo + key) & M32) ^ ((hi * S_HIGH) & M32))
 
 
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory without gaps or overlaps, in any dimension order (contiguous,
+    channels_last, ...; an empty tensor is not)."""
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 1)
+    return all(st >= 0 for st in t.stride()) and span == t.numel()
+
+
 def memory_offsets(t: Tensor) -> Tensor:
     """Each element's offset in memory (from the tensor's first element), in the tensor's shape; for a
     tensor that is not dense (a strided view with gaps), its logical flat index instead."""
     n = t.numel()
-    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
     flat = torch.arange(max(n, 1), device=t.device, dtype=torch.int64)
-    if n > 0 and span == n and all(st >= 0 for st in t.stride()):
+    if is_dense(t):
         return flat.as_strided(t.shape, t.stride())
     return flat[:n].view(t.shape)
 

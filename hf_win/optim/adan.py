@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from ._base import WinOptimizer
 from ._ops import scalar_sqrt
 

@@ -24,7 +24,7 @@ from typing import List, Sequence
 import torch
 
 from . import cache
-from .ir import Program, Unsupported, exact_arrays, render, schedule, spelling
+from .ir import Program, Unsupported, compute_dtype, exact_arrays, render, schedule, spelling
 
 __all__ = ["emit", "CKernel", "ELEMENT_TYPES"]
 
@@ -99,7 +99,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
     for d in dtypes:
         if d not in ELEMENT_TYPES:
             raise Unsupported(f"dtype {d} in the C kernel (float32, float64 and bfloat16 are supported)")
-    ct = "double" if dtypes[0] == torch.float64 else "float"
+    ct = ELEMENT_TYPES[compute_dtype(dtypes)]
     stages = schedule(prog, exact_arrays(dtypes))
     A, K, NR = len(dtypes), len(prog.operands), prog.n_reductions
     sr_arrays = [a for a in range(A) if rounding[a]]
@@ -159,7 +159,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
         args += [f"T{j}" for j in st.tscalars]
         stored = {s for s, _ in st.stores}
         args += [f"fmix32(pre{a} + (uint32_t)(uint64_t)keys[j] * 0xc2b2ae3du)" for a in sr_arrays if a in stored]
-        args += ["lo", f"partial + c * NRED"] if st.reductions else ["lo"]
+        args += ["lo", "partial + c * NRED"] if st.reductions else ["lo"]
         tdefs = "".join(f"            const double T{j} = {_tscalar(prog, j)};\n" for j in st.tscalars)
         combine = ""
         if st.reductions:
@@ -206,7 +206,6 @@ int hf_win_step(int64_t n_tensors, const int64_t *ptrs, const int64_t *numel, co
         for (int64_t c = first[j]; c < first[j + 1]; c++) owner[c] = j;
 {''.join(calls)}
     free(first); free(owner); free(partial); free(red);
-    (void)keys;
     return 0;
 }}
 """)

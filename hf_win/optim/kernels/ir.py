@@ -435,11 +435,10 @@ class Traced:
     """The result of ``trace``: the program, the group keys it read (with their structure) and how to
     build the input vector of the host function at a call."""
 
-    def __init__(self, prog: Program, group: dict, used: Sequence[str], extra_inputs: List[str]):
+    def __init__(self, prog: Program, group: dict, used: Sequence[str]):
         self.prog = prog
         self.used_keys = list(used)
         self.structure = {k: structure_of(group.get(k, ABSENT)) for k in used}
-        self.extra_inputs = extra_inputs  # inputs that are not group keys: "step", "clip"
         self.host = compile_host(prog)
 
     def matches(self, group: dict) -> bool:
@@ -460,9 +459,8 @@ def trace(step_fn, group: dict, arrays: Sequence[str], step: float, clip: Option
     prog.final = {s.array: s.cur for s in slots if s.cur != prog.loads[s.array]}
     if 1 in prog.final:
         raise Unsupported("the step writes the gradient")
-    # inputs in the order the host function reads them: step, clip, then the group's numbers
-    extra = ["step"] + (["clip"] if clip is not None else [])
-    return Traced(prog, group, list(g.used), extra)
+    # the host function reads its inputs as ``host_inputs`` lays them out: step, clip, the group's numbers
+    return Traced(prog, group, list(g.used))
 
 
 def host_inputs(traced: Traced, group: dict, step: float, clip: Optional[float]) -> List[float]:

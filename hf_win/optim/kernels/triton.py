@@ -24,10 +24,12 @@ import os
 from typing import Dict, List, Sequence
 
 import torch
-import triton
-import triton.language as tl
+# Imported here so that this module fails to import where Triton is missing or broken: that failure is
+# how kernels.backend_for learns that no Triton kernel can run (the generated source imports them itself).
+import triton  # noqa: F401
+import triton.language as tl  # noqa: F401
 
-from .ir import Program, Unsupported, exact_arrays, render, schedule, spelling
+from .ir import Program, Unsupported, compute_dtype, exact_arrays, render, schedule, spelling
 
 __all__ = ["emit", "TritonKernel"]
 
@@ -73,17 +75,17 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
     for d in dtypes:
         if d not in _TYPES:
             raise Unsupported(f"dtype {d} in the Triton kernel (float32, float64, bfloat16, float16)")
-    f64 = dtypes[0] == torch.float64
+    f64 = compute_dtype(dtypes) == torch.float64
     ct = "tl.float64" if f64 else "tl.float32"
     A, K = len(dtypes), len(prog.operands)
     sr_arrays = [a for a in range(A) if rounding[a]]
     lines = ["import triton", "import triton.language as tl", "",
              "@triton.jit", "def _fmix32(h):",
-             f"    h = h ^ (h >> 16)", f"    h = (h * 0x85EBCA6B) & {_M}", f"    h = h ^ (h >> 13)",
+             "    h = h ^ (h >> 16)", f"    h = (h * 0x85EBCA6B) & {_M}", "    h = h ^ (h >> 13)",
              f"    h = (h * 0xC2B2AE35) & {_M}", "    return h ^ (h >> 16)", ""]
     for si, st in enumerate(schedule(prog, exact_arrays(dtypes))):
         stored = {a for a, _ in st.stores}
-        body = [f"@triton.jit",
+        body = ["@triton.jit",
                 f"def stage{si}(PTRS, NUMEL, KEYS, SC, BT, BS, PART, RED, NRED: tl.constexpr, BLOCK: tl.constexpr):",
                 "    b = tl.program_id(0)",
                 "    j = tl.load(BT + b)",
