@@ -415,20 +415,19 @@ def test_cc_with_arguments_builds(monkeypatch):
 
 def test_triton_block_table_addresses_tensors_past_2_31_elements():
     """Offsets are int64 end to end: the block table of a tensor of 2^31 + 5 elements reaches its end
-    (the kernel adds ``tl.arange`` to these int64 starts)."""
-    from hf_win.optim.kernels import ir
-    from hf_win.optim.kernels.triton import BLOCK, TritonKernel
+    (the kernel adds ``tl.arange`` to these int64 starts); its whole blocks go to the unmasked kernel
+    when it is aligned, its tail (and every block of a misaligned tensor) to the masked one."""
+    from hf_win.optim.kernels.triton import BLOCK, block_tables
 
-    p = torch.nn.Parameter(torch.randn(4))
-    opt = hf_win.AdamW([p])
-    group = opt.param_groups[0]
-    traced = ir.trace(opt._step_fn, group, opt._arrays(group), 1, None)
-    kernel = TritonKernel(traced.prog, [torch.float32] * 5, [False] * 5)
     n = 2**31 + 5
-    bt, bs, first, numel, n_blocks = kernel._blocks([n, 3], "cpu")
+    bt, bs, first, numel, full, tail = block_tables([n, 3], [True, True])
+    n_blocks = bt.numel()
     assert bs.dtype == torch.int64 and n_blocks == (n + BLOCK - 1) // BLOCK + 1
     assert int(bs[n_blocks - 2]) + BLOCK >= n > int(bs[n_blocks - 2]) >= 2**31
     assert int(bt[n_blocks - 1]) == 1 and int(bs[n_blocks - 1]) == 0 and first.tolist() == [0, n_blocks - 1, n_blocks]
+    assert full.tolist() == list(range(n // BLOCK)) and tail.tolist() == [n_blocks - 2, n_blocks - 1]
+    _, _, _, _, full, tail = block_tables([2 * BLOCK, 2 * BLOCK], [False, True])
+    assert full.tolist() == [2, 3] and tail.tolist() == [0, 1]
 
 
 def test_step_time_benchmark_writes_its_tables(tmp_path):

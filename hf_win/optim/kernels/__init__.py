@@ -17,6 +17,7 @@ where ``triton`` imports), ``c``, ``triton`` (also for CPU tensors, which only T
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -27,7 +28,8 @@ import torch
 from .cache import KernelUnavailable
 from .ir import Unsupported, host_inputs, structure_of, trace
 
-__all__ = ["BACKENDS", "backend_setting", "backend_for", "find", "launch", "Fallback", "counters", "reset", "log_once"]
+__all__ = ["BACKENDS", "backend_setting", "backend_for", "find", "launch", "Fallback", "counters", "reset", "log_once",
+           "collect"]
 
 logger = logging.getLogger("hf_win.kernels")
 BACKENDS = ("auto", "c", "triton", "foreach")
@@ -36,6 +38,7 @@ _VARIANTS: Dict[tuple, list] = {}
 _FAILED: Dict[tuple, str] = {}
 _LOGGED: set = set()
 _COUNTS = {"kernels": 0, "traces": 0, "calls": 0}
+_COLLECTING: List[list] = []  # open ``collect`` lists: kernels built are appended, launches are skipped
 
 
 class Fallback(Exception):
@@ -120,7 +123,7 @@ def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], r
             except ArithmeticError as e:
                 raise Fallback(f"a step scalar could not be computed ({e})") from None
             if operands is not None:
-                return kernel, operands
+                return _found(kernel), operands
     whole = (key, tuple(sorted((k, structure_of(v)) for k, v in group.items() if k != "params")))
     with _LOCK:
         if whole in _FAILED:
@@ -146,13 +149,36 @@ def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], r
         operands = traced.host(host_inputs(traced, group, step, clip))
         if operands is None:  # pragma: no cover - the trace took the branches these values take
             raise Fallback("internal: a fresh kernel's guards do not hold")
-        return kernel, operands
+        return _found(kernel), operands
+
+
+def _found(kernel):
+    for found in _COLLECTING:
+        if all(k is not kernel for k in found):
+            found.append(kernel)
+    return kernel
 
 
 def launch(kernel, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device) -> None:
     """Run ``kernel`` over tensors (see ``CKernel.run``); counted in ``counters()["calls"]``."""
+    if _COLLECTING:
+        return
     kernel.run(ptrs, numels, keys, scalars, device)
     _COUNTS["calls"] += 1
+
+
+@contextlib.contextmanager
+def collect():
+    """Inside: kernels are found and built as usual but never launched (steps change no tensor); yields
+    the list of kernels found (built or reused). How ``aot`` learns every kernel a configuration generates."""
+    found: list = []
+    with _LOCK:
+        _COLLECTING.append(found)
+    try:
+        yield found
+    finally:
+        with _LOCK:
+            _COLLECTING.remove(found)
 
 
 def counters() -> Dict[str, int]:

@@ -70,64 +70,76 @@ def _tscalar(prog: Program, j: int) -> str:
     raise Unsupported(f"per-tensor scalar {e[0]!r}")
 
 
+def _stage(prog: Program, si: int, st, dtypes, rounding, ct: str, full: bool) -> List[str]:
+    """One stage as a kernel. ``full``: the variant for whole blocks of tensors whose every array starts
+    16 bytes aligned: no mask, and hints that say so (pointer alignment, block starts on multiples of
+    BLOCK), so the compiler emits 128-bit accesses. Otherwise masked, with no hint (any alignment)."""
+    A, K = len(dtypes), len(prog.operands)
+    sr_arrays = [a for a in range(A) if rounding[a]]
+    name, mask, where = (f"stage{si}_full", "", "") if full else (f"stage{si}", ", mask=mask", "mask, ")
+    body = ["@triton.jit",
+            f"def {name}(PTRS, NUMEL, KEYS, SC, BT, BS, IDX, PART, RED, NRED: tl.constexpr, BLOCK: tl.constexpr):",
+            "    b = tl.load(IDX + tl.program_id(0))",
+            "    j = tl.load(BT + b)"]
+    if full:
+        body.append("    offs = tl.multiple_of(tl.load(BS + b), BLOCK) + tl.arange(0, BLOCK)")
+    else:
+        body += ["    offs = tl.load(BS + b) + tl.arange(0, BLOCK)", "    mask = offs < tl.load(NUMEL + j)"]
+    body += [f"    k{i} = tl.load(SC + {i}).to({ct})" for i in range(K)]
+    for j in st.tscalars:
+        body.append(f"    T{j} = {_tscalar(prog, j)}")
+        body.append(f"    T{j}c = T{j}.to({ct})")
+    stored = {a for a, _ in st.stores}
+    for a in sorted({a for a, _ in st.loads} | stored):
+        ptr = f"tl.load(PTRS + j * {A} + {a}).to(tl.pointer_type({_TYPES[dtypes[a]]}))"
+        body.append(f"    a{a} = tl.multiple_of({ptr}, 16)" if full else f"    a{a} = {ptr}")
+    for a, vid in st.loads:
+        raw = f"tl.load(a{a} + offs{mask + ', other=0' if mask else ''})"
+        if dtypes[a] == torch.bfloat16:
+            body.append(f"    v{vid} = (({raw}.to(tl.int32) << 16).to(tl.float32, bitcast=True)).to({ct})")
+        else:
+            body.append(f"    v{vid} = {raw}.to({ct})")
+    spell = _spelling(ct == "tl.float64")
+    for vid, e in st.lets:
+        body.append(f"    v{vid} = {render(e, spell)}")
+    for r, vid in st.reductions:
+        sq = f"v{vid}.to(tl.float64) * v{vid}.to(tl.float64)"
+        body.append(f"    sq{r} = tl.where(mask, {sq}, 0.0)" if not full else f"    sq{r} = {sq}")
+        body.append(f"    tl.store(PART + b * NRED + {r}, tl.sum(sq{r}, axis=0))")
+    for a, vid in st.stores:
+        if dtypes[a] == torch.bfloat16:
+            body.append(f"    u{a} = v{vid}.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & {_M}")
+            if rounding[a]:
+                q = sr_arrays.index(a)
+                body += [f"    key{a} = _fmix32((tl.load(SC + {K + q}).to(tl.int64) + "
+                         f"tl.load(KEYS + j) * 0xC2B2AE3D) & {_M})",
+                         f"    rb{a} = _fmix32((((offs & {_M}) + key{a}) & {_M}) ^ (((offs >> 32) * 0x165667B1) & {_M}))",
+                         f"    h{a} = ((u{a} + (rb{a} >> 16)) >> 16) & 0xFFFF"]
+            else:
+                body.append(f"    h{a} = ((u{a} + 0x7FFF + ((u{a} >> 16) & 1)) >> 16) & 0xFFFF")
+            body.append(f"    h{a} = tl.where(v{vid} != v{vid}, 0x7FC0, h{a})")
+            body.append(f"    tl.store(a{a} + offs, h{a}.to(tl.uint16){mask})")
+        else:
+            body.append(f"    tl.store(a{a} + offs, v{vid}.to({_TYPES[dtypes[a]]}){mask})")
+    return body + [""]
+
+
 def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool]) -> str:
-    """Python source defining ``stage0``, ``stage1``, ... and ``reduce_blocks`` (Triton kernels)."""
+    """Python source defining, per stage, ``stage<i>`` (masked, any alignment) and ``stage<i>_full`` (whole
+    blocks of 16-byte-aligned tensors), and ``reduce_blocks`` (Triton kernels)."""
     for d in dtypes:
         if d not in _TYPES:
             raise Unsupported(f"dtype {d} in the Triton kernel (float32, float64, bfloat16, float16)")
-    f64 = compute_dtype(dtypes) == torch.float64
-    ct = "tl.float64" if f64 else "tl.float32"
-    A, K = len(dtypes), len(prog.operands)
-    sr_arrays = [a for a in range(A) if rounding[a]]
+    ct = "tl.float64" if compute_dtype(dtypes) == torch.float64 else "tl.float32"
     lines = ["import triton", "import triton.language as tl", "",
              "@triton.jit", "def _fmix32(h):",
              "    h = h ^ (h >> 16)", f"    h = (h * 0x85EBCA6B) & {_M}", "    h = h ^ (h >> 13)",
              f"    h = (h * 0xC2B2AE35) & {_M}", "    return h ^ (h >> 16)", ""]
     for si, st in enumerate(schedule(prog, exact_arrays(dtypes))):
-        stored = {a for a, _ in st.stores}
-        body = ["@triton.jit",
-                f"def stage{si}(PTRS, NUMEL, KEYS, SC, BT, BS, PART, RED, NRED: tl.constexpr, BLOCK: tl.constexpr):",
-                "    b = tl.program_id(0)",
-                "    j = tl.load(BT + b)",
-                "    offs = tl.load(BS + b) + tl.arange(0, BLOCK)",
-                "    mask = offs < tl.load(NUMEL + j)"]
-        body += [f"    k{i} = tl.load(SC + {i}).to({ct})" for i in range(K)]
-        for j in st.tscalars:
-            body.append(f"    T{j} = {_tscalar(prog, j)}")
-            body.append(f"    T{j}c = T{j}.to({ct})")
-        used = sorted({a for a, _ in st.loads} | stored)
-        for a in used:
-            body.append(f"    a{a} = tl.load(PTRS + j * {A} + {a}).to(tl.pointer_type({_TYPES[dtypes[a]]}))")
-        for a, vid in st.loads:
-            raw = f"tl.load(a{a} + offs, mask=mask, other=0)"
-            if dtypes[a] == torch.bfloat16:
-                body.append(f"    v{vid} = (({raw}.to(tl.int32) << 16).to(tl.float32, bitcast=True)).to({ct})")
-            else:
-                body.append(f"    v{vid} = {raw}.to({ct})")
-        spell = _spelling(f64)
-        for vid, e in st.lets:
-            body.append(f"    v{vid} = {render(e, spell)}")
-        for r, vid in st.reductions:
-            body.append(f"    sq{r} = tl.where(mask, v{vid}.to(tl.float64) * v{vid}.to(tl.float64), 0.0)")
-            body.append(f"    tl.store(PART + b * NRED + {r}, tl.sum(sq{r}, axis=0))")
-        for a, vid in st.stores:
-            if dtypes[a] == torch.bfloat16:
-                body.append(f"    u{a} = v{vid}.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & {_M}")
-                if rounding[a]:
-                    q = sr_arrays.index(a)
-                    body += [f"    key{a} = _fmix32((tl.load(SC + {K + q}).to(tl.int64) + "
-                             f"tl.load(KEYS + j) * 0xC2B2AE3D) & {_M})",
-                             f"    rb{a} = _fmix32((((offs & {_M}) + key{a}) & {_M}) ^ (((offs >> 32) * 0x165667B1) & {_M}))",
-                             f"    h{a} = ((u{a} + (rb{a} >> 16)) >> 16) & 0xFFFF"]
-                else:
-                    body.append(f"    h{a} = ((u{a} + 0x7FFF + ((u{a} >> 16) & 1)) >> 16) & 0xFFFF")
-                body.append(f"    h{a} = tl.where(v{vid} != v{vid}, 0x7FC0, h{a})")
-                body.append(f"    tl.store(a{a} + offs, h{a}.to(tl.uint16), mask=mask)")
-            else:
-                body.append(f"    tl.store(a{a} + offs, v{vid}.to({_TYPES[dtypes[a]]}), mask=mask)")
-        lines += body + [""]
+        for full in (False, True):
+            lines += _stage(prog, si, st, dtypes, rounding, ct, full)
     lines += ["@triton.jit",
-              "def reduce_blocks(PART, FIRST, RED, R, NRED: tl.constexpr, CH: tl.constexpr):",
+              "def reduce_blocks(PART, FIRST, RED, R: tl.constexpr, NRED: tl.constexpr, CH: tl.constexpr):",
               "    j = tl.program_id(0)",
               "    lo = tl.load(FIRST + j)",
               "    hi = tl.load(FIRST + j + 1)",
@@ -139,76 +151,138 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
     return "\n".join(lines)
 
 
-def _load_source(source: str) -> dict:
-    """Execute generated kernel source from memory (registered in ``linecache`` for ``inspect``)."""
+def load(source: str, jit=None) -> dict:
+    """Execute generated kernel source from memory (registered in ``linecache`` for ``inspect``); its
+    kernels are decorated by ``jit`` (default ``triton.jit``: the interpreter under ``TRITON_INTERPRET=1``;
+    ``aot.py`` passes ``JITFunction`` to compile for a GPU whatever the setting)."""
     name = f"<hf_win triton {hashlib.sha256(source.encode()).hexdigest()[:16]}>"
     linecache.cache[name] = (len(source), None, source.splitlines(True), name)
     namespace: dict = {"__name__": f"hf_win_triton_{name[15:-1]}"}
     exec(compile(source, name, "exec"), namespace)  # noqa: S102 - our own generated source
+    if jit is not None:  # re-decorate the plain functions (kept by every Triton version as ``.fn``)
+        plain = {k: v.fn for k, v in namespace.items() if hasattr(v, "fn") and callable(v.fn)}
+        namespace.update({k: jit(f) for k, f in plain.items()})  # the functions' globals: calls resolve here
     return namespace
 
 
+def aligned(ptrs: Sequence[int]) -> bool:
+    """Whether every address is a multiple of 16 bytes (the ``_full`` kernels' promise)."""
+    return all(p % 16 == 0 for p in ptrs)
+
+
+def block_tables(numels: Sequence[int], is_aligned: Sequence[bool]) -> tuple:
+    """CPU int64 tables: per block its tensor (BT) and start (BS), tensor by tensor in order; per tensor
+    its first block (FIRST, with the total at the end); the blocks of the ``_full`` kernels (whole blocks
+    of aligned tensors) and of the masked ones (the rest)."""
+    numel = torch.tensor(list(numels), dtype=torch.int64)
+    counts = (numel + BLOCK - 1) // BLOCK
+    first = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    bt = torch.repeat_interleave(torch.arange(len(numel), dtype=torch.int64), counts)
+    bs = (torch.arange(int(first[-1]), dtype=torch.int64) - first[bt]) * BLOCK
+    full = torch.tensor(list(is_aligned), dtype=torch.bool)[bt] & (bs + BLOCK <= numel[bt])
+    return bt, bs, first, numel, full.nonzero().flatten(), (~full).nonzero().flatten()
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` without waiting for it: a CUDA copy goes from pinned memory, queued
+    (``non_blocking``; torch's pinned allocator keeps the buffer until the copy has run)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class TritonKernel:
-    """The Triton kernels of one traced step; ``run`` launches them over a call's tensors."""
+    """The Triton kernels of one traced step; ``prepare`` compiles them for a device, ``run`` launches
+    them over a call's tensors."""
 
     backend = "triton"
 
     def __init__(self, prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool]):
         self.source = emit(prog, dtypes, rounding)
-        ns = _load_source(self.source)
-        self.stages = [(ns[f"stage{i}"], st) for i, st in enumerate(schedule(prog, exact_arrays(dtypes)))]
+        self.dtypes = list(dtypes)
+        ns = load(self.source)
+        self.stages = [(ns[f"stage{i}"], ns[f"stage{i}_full"], st)
+                       for i, st in enumerate(schedule(prog, exact_arrays(dtypes)))]
         self.reduce = ns["reduce_blocks"]
         self.nred = max(prog.n_reductions, 1)
         self.has_reductions = prog.n_reductions > 0
         self._tables: Dict[tuple, tuple] = {}
+        self._prepared: set = set()
 
-    def _blocks(self, numels: List[int], device) -> tuple:
-        key = (tuple(numels), str(device))
+    def _options(self) -> dict:
+        return {} if _interpreting() else {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+
+    def prepare(self, device) -> None:
+        """Compile (and load onto the device) every kernel a call can launch, before any tensor is touched:
+        a compiler or loader error raises here, never halfway through a step. Nothing to do for the
+        interpreter."""
+        key = str(device)
+        if key in self._prepared or _interpreting() or torch.device(device).type != "cuda":
+            return
+        i64, f64 = (torch.empty(1, dtype=d, device=device) for d in (torch.int64, torch.float64))
+        opts = self._options()
+        with _on(device):
+            for masked, full, st in self.stages:
+                for fn in (masked, full):
+                    _load_binary(fn.warmup(i64, i64, i64, f64, i64, i64, i64, f64, f64, grid=(1,), NRED=self.nred,
+                                           BLOCK=BLOCK, **opts))
+                for r, _ in st.reductions:
+                    _load_binary(self.reduce.warmup(f64, i64, f64, grid=(1,), R=r, NRED=self.nred, CH=256,
+                                                    num_warps=NUM_WARPS))
+        self._prepared.add(key)
+
+    def _cached(self, key: tuple, make) -> tuple:
         t = self._tables.get(key)
         if t is None:
-            counts = [(n + BLOCK - 1) // BLOCK for n in numels]
-            bt = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), torch.tensor(counts))
-            starts = torch.cat([torch.arange(c, dtype=torch.int64) * BLOCK for c in counts])
-            first = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
-            numel = torch.tensor(numels, dtype=torch.int64)
-            t = tuple(x.to(device) for x in (bt, starts, first, numel)) + (int(sum(counts)),)
             if len(self._tables) > 32:
                 self._tables.clear()
-            self._tables[key] = t
-        return t
-
-    def _cached(self, key: tuple, values: List[int], device) -> torch.Tensor:
-        """An int64 device copy of ``values``, reused while the addresses do not change (replaced
-        storage gives new addresses, hence a new table)."""
-        t = self._tables.get(key)
-        if t is None:
-            if len(self._tables) > 32:
-                self._tables.clear()
-            t = self._tables[key] = torch.tensor(values, dtype=torch.int64).to(device)
+            t = self._tables[key] = make()
         return t
 
     def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device) -> None:
-        bt, bs, first, numel, n_blocks = self._blocks(numels, device)
+        A = len(ptrs) // max(len(numels), 1)
+        # device copies of what does not change from step to step, reused while the addresses, sizes and
+        # keys are the same (replaced storage gives new addresses, hence new tables)
+        bt, bs, first, numel, idx_full, idx_tail, table, kid = self._cached(
+            (tuple(ptrs), tuple(numels), tuple(keys), str(device)),
+            lambda: tuple(to_device(t, device) for t in block_tables(
+                numels, [aligned(ptrs[i * A:(i + 1) * A]) for i in range(len(numels))])) + (
+                to_device(torch.tensor(ptrs, dtype=torch.int64), device),
+                to_device(torch.tensor(keys, dtype=torch.int64), device)))
+        n_blocks = bt.numel()
         if n_blocks == 0:
             return
-        table = self._cached(("ptrs", tuple(ptrs), str(device)), ptrs, device)
-        kid = self._cached(("keys", tuple(keys), str(device)), keys, device)
-        sc = torch.tensor(scalars or [0.0], dtype=torch.float64).to(device)
+        sc = to_device(torch.tensor(scalars or [0.0], dtype=torch.float64), device)
         part = torch.empty(n_blocks * self.nred if self.has_reductions else 1, dtype=torch.float64, device=device)
         red = torch.empty(len(numels) * self.nred if self.has_reductions else 1, dtype=torch.float64, device=device)
-        extra = {} if _interpreting() else {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
-        device_ctx = torch.cuda.device(device) if torch.device(device).type == "cuda" else _nullcontext()
-        with device_ctx:
-            for fn, st in self.stages:
-                fn[(n_blocks,)](table, numel, kid, sc, bt, bs, part, red, NRED=self.nred, BLOCK=BLOCK, **extra)
+        opts = self._options()
+        with _on(device):
+            for masked, full, st in self.stages:
+                for fn, idx in ((full, idx_full), (masked, idx_tail)):
+                    if idx.numel():
+                        fn[(idx.numel(),)](table, numel, kid, sc, bt, bs, idx, part, red, NRED=self.nred,
+                                           BLOCK=BLOCK, **opts)
                 for r, _ in st.reductions:
-                    self.reduce[(len(numels),)](part, first, red, r, NRED=self.nred, CH=256,
+                    self.reduce[(len(numels),)](part, first, red, R=r, NRED=self.nred, CH=256,
                                                 **({} if _interpreting() else {"num_warps": NUM_WARPS}))
 
 
-class _nullcontext:
+def _load_binary(compiled) -> None:
+    """Load a compiled kernel onto the current device now (Triton does it at the first launch otherwise);
+    raises where the device cannot run it (registers, shared memory)."""
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None:
+        init()
+
+
+class _on:
+    """``torch.cuda.device(device)`` for CUDA devices, nothing otherwise."""
+
+    def __init__(self, device):
+        self.ctx = torch.cuda.device(device) if torch.device(device).type == "cuda" else None
+
     def __enter__(self):
-        return self
+        return self.ctx.__enter__() if self.ctx is not None else self
 
     def __exit__(self, *exc):
-        return False
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
