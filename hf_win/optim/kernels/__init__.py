@@ -134,7 +134,7 @@ def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], r
                     f"{_COUNTS['kernels']} kernels were built in this process, the bound "
                     f"(HF_WIN_MAX_KERNELS={max_kernels()}); further step structures run on foreach")
             _COUNTS["traces"] += 1
-            traced = trace(optimizer._step_fn, group, arrays, step, clip)
+            traced = trace(optimizer.step_tensors, group, arrays, step, clip)
             kernel = _build(backend, traced.prog, dtypes, rounding)
         except Unsupported as e:
             reason = f"{type(optimizer).__name__}: the step cannot be fused ({e})"

@@ -24,7 +24,8 @@ from typing import List, Sequence
 import torch
 
 from . import cache
-from .ir import Program, Unsupported, compute_dtype, exact_arrays, render, schedule, spelling
+from .._precision import compute_dtype, exact_arrays
+from .ir import Program, Unsupported, render, schedule, spelling
 
 __all__ = ["emit", "CKernel", "ELEMENT_TYPES"]
 

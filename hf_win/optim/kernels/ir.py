@@ -36,8 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Unsupported", "SymScalar", "Program", "trace", "schedule", "flatten_group", "compute_dtype", "exact_arrays",
-           "render", "spelling"]
+__all__ = ["Unsupported", "SymScalar", "Program", "trace", "schedule", "flatten_group", "render", "spelling"]
 
 
 class Unsupported(Exception):
@@ -502,17 +501,6 @@ def spelling(**kinds) -> Dict[str, Any]:
     """A back end's spelling for ``render``: infix arithmetic, value names ``v<id>``, ``k<i>``, plus
     ``kinds`` (the rest, and any override)."""
     return {**_ARITHMETIC, "v": lambda x: f"v{x}", "k": lambda x: f"k{x}", **kinds}
-
-
-def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """Arithmetic is in float64 for float64 parameters, else in float32."""
-    return torch.float64 if dtypes[0] == torch.float64 else torch.float32
-
-
-def exact_arrays(dtypes: Sequence[torch.dtype]) -> List[int]:
-    """The arrays stored in the compute dtype (a reload gives a stored value back exactly)."""
-    ct = compute_dtype(dtypes)
-    return [a for a, d in enumerate(dtypes) if d == ct]
 
 
 def _refs(expr, out: set) -> set:

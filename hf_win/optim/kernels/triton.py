@@ -29,7 +29,8 @@ import torch
 import triton  # noqa: F401
 import triton.language as tl  # noqa: F401
 
-from .ir import Program, Unsupported, compute_dtype, exact_arrays, render, schedule, spelling
+from .._precision import compute_dtype, exact_arrays
+from .ir import Program, Unsupported, render, schedule, spelling
 
 __all__ = ["emit", "TritonKernel"]
 
