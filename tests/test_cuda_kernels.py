@@ -59,3 +59,111 @@ def test_whole_block_and_masked_kernels_match_foreach(name, mode, monkeypatch):
         for key, v in fopt.state[a].items():
             if torch.is_tensor(v) and v.dim():
                 torch.testing.assert_close(v, ropt.state[b][key], rtol=2e-6, atol=2e-6)
+
+
+# ------------------------------------------------------------------ a kernel cannot fail a step halfway
+def _two_partition_run(monkeypatch, inject=None, steps=3, **flags):
+    """AdamW-Win over float32 and float64 parameters of one group (two partitions, two kernels)."""
+    torch.manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(n, dtype=d)) for n, d in
+              ((BLOCK + 9, torch.float32), (7, torch.float64), (33, torch.float32), (5, torch.float64))]
+    opt = hf_win.AdamW(params, lr=0.02, weight_decay=0.01, acceleration_mode="win", **flags)
+    for k in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if inject is not None:
+            inject(k)
+        opt.step()
+    return params, opt
+
+
+def _assert_same(a_params, b_params):
+    for a, b in zip(a_params, b_params):
+        tol = 1e-12 if a.dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_a_compile_error_falls_back_to_foreach_before_any_tensor_is_touched(monkeypatch, caplog):
+    from hf_win.optim.kernels.triton import TritonKernel
+
+    monkeypatch.setenv("HF_WIN_FUSED_BACKEND", "triton")
+    ref, _ = _two_partition_run(monkeypatch, foreach=True, fused=False)
+
+    def fail(self, device):
+        raise RuntimeError("ptxas fatal: injected")
+
+    monkeypatch.setattr(TritonKernel, "prepare", fail)
+    with caplog.at_level("WARNING", logger="hf_win.kernels"):
+        params, opt = _two_partition_run(monkeypatch)
+    _assert_same(params, ref)
+    path = opt.step_path()
+    assert path == "foreach (AdamW: the triton kernel could not be compiled for cpu (RuntimeError: ptxas fatal: injected))"
+    logged = [r for r in caplog.records if "injected" in r.getMessage()]
+    assert len(logged) == 1  # once (the same reason for both structures), not once per step
+    assert kernels.counters()["calls"] == 0
+
+
+def test_a_launch_error_in_the_second_partition_steps_every_tensor_exactly_once(monkeypatch, caplog):
+    from hf_win.optim.kernels.triton import TritonKernel
+
+    monkeypatch.setenv("HF_WIN_FUSED_BACKEND", "triton")
+    ref, ref_opt = _two_partition_run(monkeypatch, foreach=True, fused=False)
+    real_run = TritonKernel.run
+    calls = []
+
+    def second_fails(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 2:  # the first step's second partition
+            raise RuntimeError("CUDA error: injected launch failure")
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(TritonKernel, "run", second_fails)
+    with caplog.at_level("WARNING", logger="hf_win.kernels"):
+        params, opt = _two_partition_run(monkeypatch)
+    _assert_same(params, ref)
+    for p, r in zip(params, ref):
+        assert opt.state[p]["step"] == ref_opt.state[r]["step"] == 3
+        for key in ("exp_avg", "exp_avg_sq", "x"):
+            tol = 1e-12 if p.dtype == torch.float64 else 2e-6
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[r][key], rtol=tol, atol=tol)
+    path = opt.step_path()
+    assert path.startswith("triton kernel / foreach (AdamW: the triton kernel failed to launch")
+    assert "injected launch failure" in path
+    assert len([r for r in caplog.records if "injected launch failure" in r.getMessage()]) == 1
+    # the broken kernel is never launched again; the other one still runs every step
+    assert calls.count(calls[1]) == 1 and calls.count(calls[0]) == 3
+
+
+# ------------------------------------------------------------------ no host-device synchronisation
+@pytest.mark.parametrize("name", ["adamw_win", "lamb_win", "sgd_win"])
+def test_a_step_reads_no_tensor_value_on_the_host(name, monkeypatch):
+    """With clipping on, after the first step (which traces and builds), no step reads a tensor's value
+    on the host (on a GPU: a synchronisation): the clipping coefficient is read by the kernel where it
+    is. Results equal foreach's."""
+    monkeypatch.setenv("HF_WIN_FUSED_BACKEND", "triton")
+    out = []
+    for flags in ({"fused": True}, {"foreach": True, "fused": False}):
+        torch.manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (BLOCK + 3, 17)]
+        kw = {"lr": 0.05} if name == "sgd_win" else {}
+        opt = hf_win.create_optimizer(name, params, max_grad_norm=0.5, acceleration_mode="win2", **kw, **flags)
+        for k in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p) * (k + 1)  # the norm is past the bound: the clip is active
+            if k and flags.get("fused"):
+                with monkeypatch.context() as m:
+                    for attr in ("__float__", "item", "tolist", "__bool__"):
+                        m.setattr(torch.Tensor, attr, _no_host_read(attr))
+                    opt.step()
+            else:
+                opt.step()
+        out.append(params)
+        if flags.get("fused"):
+            assert opt.step_path() == "triton kernel"
+    _assert_same(*out)
+
+
+def _no_host_read(attr):
+    def read(self, *args, **kwargs):
+        raise AssertionError(f"Tensor.{attr} in a step: the host waits for the device")
+    return read

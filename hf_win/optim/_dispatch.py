@@ -101,7 +101,6 @@ def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], 
     name = type(opt).__name__
     if kernel_requested(group):
         names = opt.step_arrays(group)
-        clip_value = None if clip is None else float(clip)
         parts: dict = {}
         for i, ts in enumerate(arrays):
             why = unfused_reason(ts)
@@ -124,8 +123,8 @@ def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], 
                     if missing:
                         raise kernels.Fallback(missing)
                 else:
-                    kernel, operands = kernels.find(opt, group, names, list(dtypes), rounding, backend, step,
-                                                    clip_value)
+                    kernel, operands, clip_slot = kernels.find(opt, group, names, list(dtypes), rounding, backend,
+                                                               step, clip, device)
             except kernels.Fallback as e:
                 reason, eager = str(e), eager_path(group, [arrays[i][0] for i in idx])
                 if build and kernels.backend_setting() != "foreach":  # a fallback the user did not ask for
@@ -136,7 +135,8 @@ def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], 
             if build:
                 seed = int(group.get("rounding_seed", 0))
                 streams = [_rounding.stream(seed, step, a) for a, on in enumerate(rounding) if on]
-                plan.launches.append((kernel, idx, list(operands) + streams, device))
+                plan.launches.append((kernel, idx, list(operands) + streams, device,
+                                      {} if clip_slot is None else {clip_slot: clip}))
             if f"{backend} kernel" not in plan.paths:
                 plan.paths.insert(0, f"{backend} kernel")
         plan.eager.sort()
@@ -160,9 +160,14 @@ def predict(opt, group: dict) -> List[str]:
 def run(opt, group: dict, plan: Plan, arrays: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
     """Step ``arrays`` as ``plan`` says. ``pids``: each parameter's index among all the optimizer's
     parameters (the stochastic rounding's ``tensor``)."""
-    for kernel, idx, scalars, device in plan.launches:
+    for n, (kernel, idx, scalars, device, on_device) in enumerate(plan.launches):
         ptrs = [t.data_ptr() for i in idx for t in arrays[i]]
-        kernels.launch(kernel, ptrs, [arrays[i][0].numel() for i in idx], [pids[i] for i in idx], scalars, device)
+        try:
+            kernels.launch(kernel, ptrs, [arrays[i][0].numel() for i in idx], [pids[i] for i in idx], scalars,
+                           device, on_device)
+        except Exception as e:  # a launch that failed: this call and the rest go to the eager path
+            _launch_failed(opt, group, plan, arrays, kernel, n, e)
+            break
     if not plan.eager:
         return
     rest = plan.eager
@@ -173,6 +178,21 @@ def run(opt, group: dict, plan: Plan, arrays: list, steps: list, pids: list, cli
     else:
         for i in range(len(arrays)):
             run_eager(opt, group, arrays[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip, PER_TENSOR)
+
+
+def _launch_failed(opt, group: dict, plan: Plan, arrays: list, kernel, n: int, error: Exception) -> None:
+    """Launch ``n`` of ``plan`` raised: its tensors and those of the later launches (none of them touched:
+    every table is built before a kernel's first launch) join the eager ones; the kernel is not used
+    again (``kernels.broken``); logged once, reported by ``step_path``."""
+    rest = sorted(i for _, idx, _, _, _ in plan.launches[n:] for i in idx)
+    reason = f"{type(opt).__name__}: the {kernel.backend} kernel failed to launch ({type(error).__name__}: {error})"
+    kernels.broken(kernel, reason)
+    eager = eager_path(group, [arrays[i][0] for i in rest])
+    kernels.log_once(f"{reason}; the step runs on {eager} instead")
+    plan.launches = plan.launches[:n]
+    plan.eager = sorted(plan.eager + rest)
+    plan.eager_path = eager_path(group, [arrays[i][0] for i in plan.eager])
+    plan._fallback(f"{eager} ({reason})")
 
 
 def run_eager(opt, group: dict, arrays: list, steps: list, pids: list, clip: Optional[Tensor], ops) -> None:

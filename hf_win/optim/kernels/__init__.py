@@ -29,13 +29,15 @@ from .cache import KernelUnavailable
 from .ir import Unsupported, host_inputs, structure_of, trace
 
 __all__ = ["BACKENDS", "backend_setting", "backend_for", "find", "launch", "Fallback", "counters", "reset", "log_once",
-           "collect"]
+           "collect", "broken"]
 
 logger = logging.getLogger("hf_win.kernels")
 BACKENDS = ("auto", "c", "triton", "foreach")
 _LOCK = threading.RLock()
 _VARIANTS: Dict[tuple, list] = {}
 _FAILED: Dict[tuple, str] = {}
+_BROKEN: Dict[int, str] = {}  # id(kernel) -> why it may not run any more
+_KEEP: list = []
 _LOGGED: set = set()
 _COUNTS = {"kernels": 0, "traces": 0, "calls": 0}
 _COLLECTING: List[list] = []  # open ``collect`` lists: kernels built are appended, launches are skipped
@@ -111,19 +113,56 @@ def _build(backend: str, prog, dtypes, rounding):
     return TritonKernel(prog, dtypes, rounding)
 
 
+def _clip_for_host(traced, clip, backend: str):
+    """(the clip value the host function gets, the operand slot the kernel fills from the device). A
+    Triton kernel reads a passed-through coefficient from the device (no host-device synchronisation);
+    otherwise the host needs its value."""
+    if clip is None:
+        return None, None
+    slot = traced.passthrough("clip") if backend == "triton" and isinstance(clip, torch.Tensor) else None
+    if slot is not None:
+        return 1.0, (slot if slot >= 0 else None)
+    return float(clip), None
+
+
+def _operands(traced, group, step, clip, backend):
+    value, slot = _clip_for_host(traced, clip, backend)
+    try:
+        operands = traced.host(host_inputs(traced, group, step, value))
+    except ArithmeticError as e:
+        raise Fallback(f"a step scalar could not be computed ({e})") from None
+    return operands, slot
+
+
+def _prepare(kernel, device, name: str, backend: str) -> None:
+    """Compile (and load) ``kernel`` for ``device`` now, before any tensor of the step is touched."""
+    if _BROKEN.get(id(kernel)):
+        raise Fallback(_BROKEN[id(kernel)])
+    prepare = getattr(kernel, "prepare", None)
+    if prepare is None or device is None:
+        return
+    try:
+        prepare(device)
+    except Exception as e:  # the compiler's or the loader's error, whatever its type
+        reason = f"{name}: the {backend} kernel could not be compiled for {device} ({type(e).__name__}: {e})"
+        broken(kernel, reason)
+        raise Fallback(reason) from None
+
+
 def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], rounding: List[bool],
-         backend: str, step: int, clip: Optional[float]):
-    """``(kernel, operands)`` for one call, building the kernel at most once per structure and guards.
+         backend: str, step: int, clip=None, device=None):
+    """``(kernel, operands, clip_slot)`` for one call, building the kernel at most once per structure and
+    guards and compiling it for ``device`` before it is returned. ``clip``: None, a number or a 0-dim
+    tensor; ``clip_slot``: the operand the kernel reads from that tensor on the device (else None).
     Raises ``Fallback`` with the reason when there is none."""
     key = (type(optimizer), tuple(arrays), tuple(dtypes), tuple(rounding), backend, clip is not None)
+    name = type(optimizer).__name__
     for traced, kernel in _VARIANTS.get(key, ()):
         if traced.matches(group):
-            try:
-                operands = traced.host(host_inputs(traced, group, step, clip))
-            except ArithmeticError as e:
-                raise Fallback(f"a step scalar could not be computed ({e})") from None
+            operands, slot = _operands(traced, group, step, clip, backend)
             if operands is not None:
-                return _found(kernel), operands
+                _prepare(kernel, device, name, backend)
+                return _found(kernel), operands, slot
     whole = (key, tuple(sorted((k, structure_of(v)) for k, v in group.items() if k != "params")))
     with _LOCK:
         if whole in _FAILED:
@@ -134,22 +173,33 @@ def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], r
                     f"{_COUNTS['kernels']} kernels were built in this process, the bound "
                     f"(HF_WIN_MAX_KERNELS={max_kernels()}); further step structures run on foreach")
             _COUNTS["traces"] += 1
-            traced = trace(optimizer.step_tensors, group, arrays, step, clip)
+            on_device = backend == "triton" and isinstance(clip, torch.Tensor)
+            traced = trace(optimizer.step_tensors, group, arrays, step, 1.0 if on_device else clip)
+            if on_device and traced.passthrough("clip") is None:  # the host needs the value: a guard must see it
+                traced = trace(optimizer.step_tensors, group, arrays, step, float(clip))
             kernel = _build(backend, traced.prog, dtypes, rounding)
         except Unsupported as e:
-            reason = f"{type(optimizer).__name__}: the step cannot be fused ({e})"
+            reason = f"{name}: the step cannot be fused ({e})"
             _FAILED[whole] = reason
             raise Fallback(reason) from None
         except (KernelUnavailable, OSError, RuntimeError, ImportError) as e:
-            reason = f"{type(optimizer).__name__}: the {backend} kernel is unavailable ({e})"
+            reason = f"{name}: the {backend} kernel is unavailable ({e})"
             _FAILED[whole] = reason
             raise Fallback(reason) from None
         _COUNTS["kernels"] += 1
         _VARIANTS.setdefault(key, []).append((traced, kernel))
-        operands = traced.host(host_inputs(traced, group, step, clip))
+        operands, slot = _operands(traced, group, step, clip, backend)
         if operands is None:  # pragma: no cover - the trace took the branches these values take
             raise Fallback("internal: a fresh kernel's guards do not hold")
-        return _found(kernel), operands
+        _prepare(kernel, device, name, backend)
+        return _found(kernel), operands, slot
+
+
+def broken(kernel, reason: str) -> None:
+    """From now on ``find`` falls back instead of returning ``kernel`` (it failed to compile or launch)."""
+    with _LOCK:
+        _BROKEN[id(kernel)] = reason
+        _KEEP.append(kernel)  # its id stays unique while the process lives
 
 
 def _found(kernel):
@@ -159,11 +209,16 @@ def _found(kernel):
     return kernel
 
 
-def launch(kernel, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device) -> None:
-    """Run ``kernel`` over tensors (see ``CKernel.run``); counted in ``counters()["calls"]``."""
+def launch(kernel, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device,
+           device_scalars: Optional[dict] = None) -> None:
+    """Run ``kernel`` over tensors (see ``CKernel.run``); ``device_scalars``: operand slot -> 0-dim tensor
+    read on the device (Triton only). Counted in ``counters()["calls"]``."""
     if _COLLECTING:
         return
-    kernel.run(ptrs, numels, keys, scalars, device)
+    if device_scalars:
+        kernel.run(ptrs, numels, keys, scalars, device, device_scalars)
+    else:
+        kernel.run(ptrs, numels, keys, scalars, device)
     _COUNTS["calls"] += 1
 
 
@@ -191,5 +246,7 @@ def reset() -> None:
     with _LOCK:
         _VARIANTS.clear()
         _FAILED.clear()
+        _BROKEN.clear()
+        _KEEP.clear()
         _LOGGED.clear()
         _COUNTS.update(kernels=0, traces=0, calls=0)

@@ -443,6 +443,18 @@ class Traced:
     def matches(self, group: dict) -> bool:
         return all(structure_of(group.get(k, ABSENT)) == s for k, s in self.structure.items())
 
+    def passthrough(self, name: str) -> Optional[int]:
+        """The operand index of input ``name`` when the host function only passes it through (no scalar
+        arithmetic, no guard reads it): the kernel may then read that value from the device. -1 when no
+        operand uses it; None when the host needs its value."""
+        prog = self.prog
+        node = next(i for i, n in enumerate(prog.scalars) if n[0] == "in" and prog.inputs[n[1]] == name)
+        if any(n[0] not in ("in", "const") and node in n[1:] for n in prog.scalars):
+            return None
+        if any(node in (a, b) for _, a, b, _ in prog.guards):
+            return None
+        return prog._operand_of.get(node, -1)
+
 
 def trace(step_fn, group: dict, arrays: Sequence[str], step: float, clip: Optional[float]) -> Traced:
     """Trace ``step_fn(ops, group, params, grads, states, steps, clip)`` (``WinOptimizer._step_fn``) for

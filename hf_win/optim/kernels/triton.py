@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import linecache
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 # Imported here so that this module fails to import where Triton is missing or broken: that failure is
@@ -240,7 +240,11 @@ class TritonKernel:
             t = self._tables[key] = make()
         return t
 
-    def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device) -> None:
+    def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device,
+            device_scalars: Optional[dict] = None) -> None:
+        """Launch the stages over a call's tensors. ``device_scalars``: operand slot -> a 0-dim tensor whose
+        value the kernel reads where it is (copied on the device: the host never waits for it). Every
+        table is ready before the first launch."""
         A = len(ptrs) // max(len(numels), 1)
         # device copies of what does not change from step to step, reused while the addresses, sizes and
         # keys are the same (replaced storage gives new addresses, hence new tables)
@@ -254,6 +258,8 @@ class TritonKernel:
         if n_blocks == 0:
             return
         sc = to_device(torch.tensor(scalars or [0.0], dtype=torch.float64), device)
+        for slot, value in (device_scalars or {}).items():
+            sc[slot:slot + 1].copy_(value.reshape(1), non_blocking=True)
         part = torch.empty(n_blocks * self.nred if self.has_reductions else 1, dtype=torch.float64, device=device)
         red = torch.empty(len(numels) * self.nred if self.has_reductions else 1, dtype=torch.float64, device=device)
         opts = self._options()
