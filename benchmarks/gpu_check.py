@@ -4,6 +4,10 @@
                                                  # fp32 and bf16 (params and/or state), PASS/FAIL
     python benchmarks/gpu_check.py first-step    # first fused step with an empty Triton cache, then cached
                                                  # (two fresh processes sharing one new TRITON_CACHE_DIR)
+    python benchmarks/gpu_check.py matrix        # every kernel of `python -m hf_win.optim.kernels.aot`
+                                                 # (optimizer x mode x precision x flags x clipping) compiled
+                                                 # and launched on the device, against foreach
+    python benchmarks/gpu_check.py sync          # steps under torch.cuda.set_sync_debug_mode("error")
 
 Both default to ``--device cuda``. ``--device cpu --tiny`` runs them on CPU tensors with tiny shapes
 through Triton's interpreter (``TRITON_INTERPRET=1``, set here when missing): a check of this script
@@ -11,8 +15,9 @@ and of the Triton kernel's arithmetic only; interpreter times are not measuremen
 Step times on the model shapes come from ``benchmarks/step_time.py`` (``--params vit_b`` / ``gpt_1_3b``),
 which ``gpu_check.sh`` runs. Imports ``hf_win.optim`` and ``hf_win.registry`` only (no transformers).
 
-Writes ``<out>/gpu_check_correctness_<device>.md`` and ``<out>/first_step_<device>.md`` (with the machine
-and the command); the correctness file is rewritten after every case, so a timeout keeps what was done.
+Writes ``<out>/gpu_check_correctness_<device>.md``, ``<out>/first_step_<device>.md``,
+``<out>/gpu_check_matrix_<device>.md`` and ``<out>/gpu_check_sync_<device>.md`` (with the machine and the
+command); the correctness and matrix files are rewritten as cases finish, so a timeout keeps what was done.
 Exit status 1 when a case fails.
 """
 
@@ -293,9 +298,192 @@ def first_step(args, argv):
     return 0 if ok else 1
 
 
+# ---------------------------------------------------------------------------------------------- matrix
+MATRIX_STEPS = 3
+
+
+def matrix_case(case, device, seed=0):
+    """One case of ``aot.cases()``: ``MATRIX_STEPS`` steps with the Triton kernel and with foreach from the
+    same parameters and gradients; the worst array's error against the tolerance of its dtype."""
+    import torch
+
+    from hf_win.optim import kernels
+    from hf_win.optim.kernels.aot import PRECISIONS
+    from step_time import backend
+
+    dtype, extra = PRECISIONS[case["precision"]]
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(2 * 1024 + 7, generator=gen), torch.randn(5, generator=gen), torch.randn(1024 + 4, generator=gen)]
+    grads = [[torch.randn(t.numel() - (1 if i == 2 else 0), generator=gen) * 0.1 for i, t in enumerate(init)]
+             for _ in range(MATRIX_STEPS)]
+    result = {}
+    for path in ("triton", "foreach"):
+        params = [torch.nn.Parameter(t.to(device=device, dtype=dtype, copy=True)) for t in init[:2]]
+        params.append(torch.nn.Parameter(init[2].to(device=device, dtype=dtype, copy=True)[1:]))  # misaligned
+        flags = {"fused": True} if path == "triton" else {"foreach": True, "fused": False}
+        opt = case["cls"]([dict(extra, params=params)], lr=1e-2, acceleration_mode=case["mode"], **case["kwargs"],
+                          **flags)
+        calls0 = kernels.counters()["calls"]
+        with backend("triton" if path == "triton" else None):
+            for step in range(MATRIX_STEPS):
+                for p, g in zip(params, grads[step]):
+                    p.grad = g.to(device=device, dtype=dtype)
+                opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result[path] = (params, opt, opt.step_path(), kernels.counters()["calls"] - calls0)
+    (tp, topt, tpath, tcalls), (fp, fopt, _, _) = result["triton"], result["foreach"]
+    ok, worst = True, (0.0, "")
+    for a, b in zip(tp, fp):
+        pairs = [("param", a, b)] + [(k, topt.state[a][k], fopt.state[b][k]) for k in fopt.state[b]
+                                     if torch.is_tensor(fopt.state[b][k]) and fopt.state[b][k].numel() > 1]
+        for key, x, y in pairs:
+            tol_dtype = torch.float32 if y.dtype in (torch.float32, torch.float64) else torch.bfloat16
+            _, rel, _, good = compare(x, y, tol_dtype)
+            ok &= good
+            if rel >= worst[0]:
+                worst = (rel, f"{key} ({str(y.dtype).replace('torch.', '')})")
+    ran = tpath == "triton kernel" and tcalls >= MATRIX_STEPS
+    why = "" if ran else f"did not run on the Triton kernel: {tpath}"
+    if not ok:
+        why = (why + "; " if why else "") + "outside the tolerance"
+    return {"case": case["label"], "path": tpath, "calls": tcalls, "worst": worst[1], "rel": worst[0],
+            "status": "PASS" if ok and ran else "FAIL", "why": why}
+
+
+def matrix_child(args):
+    """Cases ``args.worker::args.workers`` of ``aot.cases()``, one JSON line each."""
+    import torch
+
+    from hf_win.optim.kernels.aot import cases
+
+    device = torch.device(args.device)
+    todo = cases()[args.worker::args.workers]
+    if args.tiny:
+        todo = todo[:: max(1, len(todo) // 6)]
+    for case in todo:
+        t0 = time.perf_counter()
+        try:
+            r = matrix_case(case, device)
+        except Exception as e:
+            r = {"case": case["label"], "path": "-", "calls": 0, "worst": "-", "rel": float("nan"),
+                 "status": "FAIL", "why": f"{type(e).__name__}: {str(e)[:300]}"}
+        r["seconds"] = time.perf_counter() - t0
+        print(json.dumps(r), flush=True)
+
+
+def matrix(args, argv):
+    """Every case of ``aot.cases()`` over ``args.workers`` processes (each compiles its own kernels: the
+    compiler runs on the host's cores in parallel), rewritten to the report as results arrive."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"gpu_check_matrix_{args.device}{'_tiny' if args.tiny else ''}.md"
+    child = [sys.executable, str(Path(__file__).resolve()), "matrix-child", "--device", args.device,
+             "--workers", str(args.workers)] + (["--tiny"] if args.tiny else [])
+    procs = [subprocess.Popen(child + ["--worker", str(w)], stdout=subprocess.PIPE, text=True)
+             for w in range(args.workers)]
+    head = header("Every generated kernel compiled and launched, against foreach", args.device, argv, [
+        "", f"Cases of `hf_win.optim.kernels.aot.cases()` (optimizer x mode x precision x flags x clipping), "
+        f"{args.workers} processes. Per case {MATRIX_STEPS} steps over a float32-aligned tensor of 2 whole "
+        "blocks and a tail, a 5-element tensor and a view 4 bytes past an aligned address (the masked "
+        "kernel), `fused=True` under `HF_WIN_FUSED_BACKEND=triton` against `foreach=True, fused=False`; "
+        f"tolerances as in the correctness part ({TOLERANCES}; float64 arrays use float32's, float16 "
+        "bfloat16's). PASS "
+        "only if within tolerance and the step path says the Triton kernel ran.", "",
+        "| case | path | kernel calls | worst array | max err / max abs | s | result |",
+        "|---|---|---:|---|---:|---:|---|"])
+    rows = []
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    for p in procs:
+        sel.register(p.stdout, selectors.EVENT_READ)
+    open_ = len(procs)
+    while open_:
+        for key, _ in sel.select():
+            line = key.fileobj.readline()
+            if not line:
+                sel.unregister(key.fileobj)
+                open_ -= 1
+                continue
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            rows.append(r)
+            print(f"{r['status']} {r['case']}: {r['path']} rel {r['rel']:.3g} ({r['seconds']:.1f} s)"
+                  f"{' -- ' + r['why'] if r['why'] else ''}", flush=True)
+            failed = sum(x["status"] != "PASS" for x in rows)
+            body = [f"| {x['case']} | {x['path']} | {x['calls']} | {x['worst']} | {x['rel']:.3g} | {x['seconds']:.1f} | "
+                    f"**{x['status']}**{' (' + x['why'] + ')' if x['why'] else ''} |" for x in rows]
+            target.write_text("\n".join(head + body + ["", f"{len(rows)} cases done: {len(rows) - failed} PASS, "
+                                                        f"{failed} FAIL."]) + "\n")
+    for p in procs:
+        p.wait()
+    failed = sum(x["status"] != "PASS" for x in rows)
+    print(f"{len(rows) - failed} PASS, {failed} FAIL; wrote {target}", flush=True)
+    return 1 if failed or not rows else 0
+
+
+# ---------------------------------------------------------------------------------------------- sync
+def sync(args, argv):
+    """Steps under ``torch.cuda.set_sync_debug_mode("error")``: any host-device synchronisation in a step
+    (a blocking copy, ``.item()``, a stream synchronisation) raises. Two steps first (state creation, the
+    kernels' compilation), then three checked steps, with clipping on (its coefficient stays on the device)."""
+    import torch
+
+    from hf_win.registry import OPTIMIZERS
+
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in (args.optimizers or list(OPTIMIZERS)):
+        for mode in ("win", "win2", "none"):
+            for dtype, extra in ((torch.float32, {}), (torch.bfloat16, {"bf16_stochastic_round": True})):
+                torch.manual_seed(0)
+                params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype)) for s in ((3000,), (77, 5))]
+                opt = OPTIMIZERS[name].cls([dict(extra, params=params)], lr=1e-3, acceleration_mode=mode,
+                                           max_grad_norm=1.0, fused=True)
+                status, why = "PASS", ""
+                try:
+                    for k in range(5):
+                        for p in params:
+                            p.grad = torch.randn_like(p)
+                        if k >= 2 and device.type == "cuda":
+                            torch.cuda.set_sync_debug_mode("error")
+                        try:
+                            opt.step()
+                        finally:
+                            if device.type == "cuda":
+                                torch.cuda.set_sync_debug_mode("default")
+                except Exception as e:
+                    status, why = "FAIL", f"{type(e).__name__}: {str(e)[:300]}"
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                path = opt.step_path()
+                if status == "PASS" and "kernel" not in path.split(" / ")[0]:
+                    status, why = "FAIL", f"not on a kernel: {path}"
+                label = f"{name} {mode} {str(dtype).replace('torch.', '')}{' SR' if extra else ''}, clip 1.0"
+                rows.append((label, path, status, why))
+                print(f"{status} {label}: {path}{' -- ' + why if why else ''}", flush=True)
+    failed = sum(r[2] != "PASS" for r in rows)
+    md = header("Steps under torch.cuda.set_sync_debug_mode('error')", args.device, argv, [
+        "", "Per case: two steps (state, compilation), then three steps with the sync debug mode set to "
+        "`error`: any synchronising CUDA call that torch checks (blocking copies, `.item()`, stream or device "
+        "synchronisation) raises and the case FAILs. Tensors of 3000 and 77x5 elements, `max_grad_norm=1.0`.", "",
+        "| case | path | result |", "|---|---|---|"]) + [
+        f"| {r[0]} | {r[1]} | **{r[2]}**{' (' + r[3] + ')' if r[3] else ''} |" for r in rows] + [
+        "", f"{len(rows) - failed} PASS, {failed} FAIL." + (" (CPU: the debug mode does not exist there; only the "
+                                                          "steps ran.)" if device.type != "cuda" else "")]
+    target = out / f"gpu_check_sync_{device.type}.md"
+    target.write_text("\n".join(md) + "\n")
+    print(f"wrote {target}", flush=True)
+    return 1 if failed else 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=["correctness", "first-step", "first-step-child"])
+    ap.add_argument("part", choices=["correctness", "first-step", "first-step-child", "matrix", "matrix-child", "sync"])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (with --device cpu: the interpreter check)")
     ap.add_argument("--params", default="vit_b", help="first-step: a parameter set of step_time.py")
@@ -304,6 +492,8 @@ def main(argv=None):
     ap.add_argument("--backend", default="triton", choices=["triton", "c"],
                     help="correctness: the kernel checked (c: the CPU kernel, to check this script on CPU)")
     ap.add_argument("--child_timeout", type=int, default=150, help="first-step: seconds per process")
+    ap.add_argument("--workers", type=int, default=8, help="matrix: processes")
+    ap.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     argv = list(argv) if argv is not None else sys.argv[1:]
@@ -318,6 +508,13 @@ def main(argv=None):
         return correctness(args, argv)
     if args.part == "first-step":
         return first_step(args, argv)
+    if args.part == "matrix":
+        return matrix(args, argv)
+    if args.part == "matrix-child":
+        matrix_child(args)
+        return 0
+    if args.part == "sync":
+        return sync(args, argv)
     first_step_child(args)
     return 0
 

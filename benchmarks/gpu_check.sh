@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should show for the fused step (issue 11), in under 8 minutes:
-#   1. Triton kernel against foreach on CUDA: every optimizer x mode, fp32 and bf16 params/state (PASS/FAIL)
-#   2. first fused step with an empty Triton cache, then cached (two fresh processes), ViT-B shapes
-#   3. step time on ViT-B/16's parameter shapes (86.6M, 152 tensors), every optimizer x mode
-#   4. step time on a 1.3B decoder's shapes (GPT-2 style: d=2048, 24 layers, vocab 50304, context 2048,
+# Everything a lent GPU should show for the fused step, in under 8 minutes (each part has its own time limit):
+#   1. every kernel `python -m hf_win.optim.kernels.aot` compiles (optimizer x mode x precision x flags x
+#      clipping) compiled and launched on the device against foreach, 8 processes (PASS/FAIL)
+#   2. Triton kernel against foreach on ViT-B-sized shapes: every optimizer x mode, fp32 and bf16 (PASS/FAIL)
+#   3. steps under torch.cuda.set_sync_debug_mode("error"): no host-device synchronisation in a step
+#   4. first fused step with an empty Triton cache, then cached (two fresh processes), ViT-B shapes
+#   5. step time on ViT-B/16's parameter shapes (86.6M, 152 tensors), every optimizer x mode
+#   6. step time on a 1.3B decoder's shapes (GPT-2 style: d=2048, 24 layers, vocab 50304, context 2048,
 #      tied head: 1.32B parameters, 292 tensors; see benchmarks/step_time.py gpt_shapes)
-# Step times are CUDA-event medians with their ratio to torch.optim.AdamW(fused=True) in the same process.
+#   7. host cost: 1,000 tensors of 1,000 elements and 10,000 of 10, AdamW-Win x modes
+# Step times are CUDA-event medians with their ratio to torch.optim.AdamW(fused=True) in the same process,
+# the GB/s the floor's bytes imply and the device's copy bandwidth measured in the same run.
 # Results: benchmarks/results/*_cuda.md (each with the machine and the command) and gpu_check_cuda.log,
 # copied to "$OUT" when it is set. Run from anywhere:  bash benchmarks/gpu_check.sh
 # Needs python3 with torch (CUDA) and triton; imports hf_win.optim / hf_win.registry only.
@@ -17,12 +22,13 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export KINETO_LOG_LEVEL=5
 PY="${PYTHON:-python3}"
 RES=benchmarks/results
-DEV=(--device cuda); VIT=vit_b; GPT=gpt_1_3b; TINY=()
+DEV=(--device cuda); VIT=vit_b; GPT=gpt_1_3b; TINY=(); MATRIX=(--workers 8); MANY=""
 BUDGET=465          # seconds for all parts together (8 minutes = 480, less a margin to copy results)
-CHILD=45; LIMIT=0   # first-step: seconds per process; LIMIT > 0 replaces every part's own timeout
+CHILD=24; LIMIT=0   # first-step: seconds per process; LIMIT > 0 replaces every part's own timeout
 if [[ "${GPU_CHECK_CPU_SMOKE:-0}" == 1 ]]; then
     export TRITON_INTERPRET=1
     RES=$(mktemp -d); DEV=(--device cpu); VIT=tiny; GPT=tiny; TINY=(--tiny --optimizers adamw_win --modes win)
+    MATRIX=(--tiny --workers 2); MANY=tiny
     BUDGET=1800; CHILD=600; LIMIT=600  # the interpreter is slow; nothing here is timed
 fi
 mkdir -p "$RES"
@@ -54,14 +60,21 @@ part() {  # part NAME SECONDS command...: run under `timeout`, never past the ov
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name())" 2>&1
 } | tee -a "$LOG"
 
-part correctness 170 "$PY" benchmarks/gpu_check.py correctness "${DEV[@]}" "${TINY[@]}" --out "$RES"
-part first-step 100 "$PY" benchmarks/gpu_check.py first-step "${DEV[@]}" --params "$VIT" "${TINY[@]}" \
+part matrix 120 "$PY" benchmarks/gpu_check.py matrix "${DEV[@]}" "${MATRIX[@]}" --out "$RES"
+part correctness 75 "$PY" benchmarks/gpu_check.py correctness "${DEV[@]}" "${TINY[@]}" --out "$RES"
+part sync 30 "$PY" benchmarks/gpu_check.py sync "${DEV[@]}" --out "$RES"
+part first-step 50 "$PY" benchmarks/gpu_check.py first-step "${DEV[@]}" --params "$VIT" "${TINY[@]}" \
     --child_timeout "$CHILD" --out "$RES"
-part step-time-vit-b 90 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "$VIT" --paths triton foreach \
-    --repeats 20 --warmup 3 --out "$RES"
-part step-time-gpt-1.3b 100 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "$GPT" \
+part step-time-vit-b 70 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "$VIT" --paths triton foreach \
+    --repeats 20 --warmup 3 --no_memory --out "$RES"
+part step-time-gpt-1.3b 70 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "$GPT" \
     --optimizers adamw_win lamb_win adan_win --modes win win2 none --paths triton --baselines fused \
-    --repeats 15 --warmup 3 --out "$RES"
+    --repeats 15 --warmup 3 --no_memory --out "$RES"
+for SET in many_1000x1000 many_10000x10; do
+    part "host-cost-$SET" 25 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "${MANY:-$SET}" \
+        --optimizers adamw_win --modes win win2 none --paths triton --baselines fused --repeats 10 --warmup 2 \
+        --no_memory --tag "$SET" --out "$RES"
+done
 
 echo "== total $(( SECONDS - START ))s; ${#FAILED[@]} part(s) failed or timed out: ${FAILED[*]:-none}" | tee -a "$LOG"
 if [[ -n "${OUT:-}" ]]; then
