@@ -451,3 +451,46 @@ def test_step_time_benchmark_writes_its_tables(tmp_path):
     sched = list(csv.DictReader(open(tmp_path / "step_time_tiny_cpu_schedule.csv")))
     assert {r["schedule"] for r in sched} == {"constant", "OneCycleLR"}
     assert all(r["kernels_built"] == "1;1" for r in sched)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_reused_step_plan_notices_every_change(backend, monkeypatch):
+    """A step reuses the previous one's plan and tables (``_dispatch.run_again``) while nothing changed;
+    each change below must be seen: a parameter gaining its first gradient, a new group, replaced
+    ``.data``, a transposed view at the same address, a loaded state dict, new hyper-parameters, a
+    gradient set to None. Every step equals foreach's."""
+    from hf_win.optim import _dispatch
+
+    use(monkeypatch, backend)
+    reused = []
+    real = _dispatch.run_again
+    monkeypatch.setattr(_dispatch, "run_again", lambda *a, **k: reused.append(1) or real(*a, **k))
+    out = []
+    for flags in ({}, dict(foreach=True)):
+        torch.manual_seed(6)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+        extra = torch.nn.Parameter(torch.randn(5))
+        params = list(model.parameters())
+        opt = hf_win.AdamW(params[:3], lr=0.1, weight_decay=0.01, acceleration_mode="win2", **flags)
+        for k in range(10):
+            if k == 3:
+                opt.add_param_group({"params": [params[3]], "lr": 0.05})
+            if k == 4:
+                model[0].weight.data = torch.randn(4, 4)
+            if k == 5:
+                model[0].weight.data = model[0].weight.data.t()  # same address, other strides
+            if k == 6:
+                opt.load_state_dict(opt.state_dict())
+            if k == 7:
+                opt.param_groups[0]["lr"] = 0.02
+                opt.param_groups[0]["betas"] = (0.8, 0.99)
+            for i, p in enumerate(params):
+                p.grad = None if (i == 2 and k < 2) or (i == 1 and k == 8) else torch.randn_like(p)
+            extra.grad = torch.randn_like(extra)
+            opt.step()
+            out.append([p.detach().clone() for p in params])
+    n = len(out) // 2
+    for a, b in zip(out[:n], out[n:]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=2e-6, atol=2e-6)
+    assert len(reused) >= 3  # the unchanged steps did reuse

@@ -73,6 +73,7 @@ class WinOptimizer(torch.optim.Optimizer):
         check_clipping_at_construction(type(self).__name__, max_grad_norm)
         self._registered_ids = set()  # ids of the parameters given to us (see _sharding.foreign_params)
         self._paths_taken = {}  # param group index -> the paths its last step took (step_path)
+        self._reuse = {}  # param group index -> _dispatch.Reuse: its last all-kernel step, for the next
         self.last_load_report: Optional[str] = None  # what the last load_state_dict did (see there)
         super().__init__(params, defaults)
 
@@ -233,20 +234,50 @@ class WinOptimizer(torch.optim.Optimizer):
             group["step"] = group.get("step", 0) + 1
         if not params:
             return
-        mode = group["acceleration_mode"]
+        names = self.step_arrays(group)
         grads = [p.grad for p in params]
+        reuse = self._reuse.get(index)
+        if reuse is not None:
+            try:
+                sig = _dispatch.signature(params, grads, reuse.states, names[2:])
+            except (KeyError, IndexError):  # a state buffer was removed, or parameters were added
+                sig = None
+            if reuse.matches(self, group, names, present, sig):
+                steps = self._advance(group, group_step, reuse.states)
+                paths = _dispatch.run_again(self, group, reuse, params, grads, steps, clip)
+                if paths is not None:
+                    if len(paths) > 1:  # a launch failed: decide afresh next time
+                        del self._reuse[index]
+                    self._paths_taken[index] = paths
+                    return
+                self._unadvance(group_step, reuse.states)  # decided afresh below
+            del self._reuse[index]
+        mode = group["acceleration_mode"]
         states = [self._state_for(p, g, group, mode) for p, g in zip(params, grads)]
-        if not group_step:
-            for state in states:
-                state["step"] = int(state.get("step", 0)) + 1
-        steps = [group["step"]] * len(params) if group_step else [s["step"] for s in states]
-        keys = self.step_arrays(group)[2:]
+        steps = self._advance(group, group_step, states)
+        keys = names[2:]
         # Complex parameters are stepped through their real views (as torch.optim does).
         tensors = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] if p.is_complex() else [p, g, *(s[k] for k in keys)]
                    for p, g, s in zip(params, grads, states)]
         plan = _dispatch.decide(self, group, tensors, steps, clip)
         _dispatch.run(self, group, plan, tensors, steps, pids, clip)
         self._paths_taken[index] = plan.paths
+        if plan.launches and not plan.eager and not any(p.is_complex() for p in params):
+            self._reuse[index] = _dispatch.Reuse(self, group, names, present, states, tensors, plan, pids,
+                                                 _dispatch.signature(params, grads, states, keys))
+
+    def _advance(self, group: dict, group_step: bool, states: list) -> list:
+        """Count this step (per parameter unless the group counts) and return each parameter's count."""
+        if group_step:
+            return [group["step"]] * len(states)
+        for state in states:
+            state["step"] = int(state.get("step", 0)) + 1
+        return [s["step"] for s in states]
+
+    def _unadvance(self, group_step: bool, states: list) -> None:
+        if not group_step:
+            for state in states:
+                state["step"] -= 1
 
     def step_tensors(self, ops, group, params, grads, states, steps, clip) -> None:
         """One step of ``params`` (lists of tensors, ``states`` one dict per parameter) with ``ops`` (the

@@ -31,7 +31,7 @@ from . import _rounding, kernels
 from ._ops import FOREACH, PER_TENSOR
 from ._precision import compute_dtype, stochastic_arrays
 
-__all__ = ["Plan", "kernel_requested", "eager_path", "unfused_reason", "decide", "predict", "run"]
+__all__ = ["Plan", "kernel_requested", "eager_path", "unfused_reason", "decide", "predict", "run", "Reuse"]
 
 
 def kernel_requested(group: dict) -> bool:
@@ -173,18 +173,24 @@ def run(opt, group: dict, plan: Plan, arrays: list, steps: list, pids: list, cli
     rest = plan.eager
     if len(rest) != len(arrays):
         arrays, steps, pids = [arrays[i] for i in rest], [steps[i] for i in rest], [pids[i] for i in rest]
-    if plan.eager_path == "foreach":
+    _eager(opt, group, plan.eager_path, arrays, steps, pids, clip)
+
+
+def _eager(opt, group: dict, path: str, arrays: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
+    if path == "foreach":
         run_eager(opt, group, arrays, steps, pids, clip, FOREACH)
     else:
         for i in range(len(arrays)):
             run_eager(opt, group, arrays[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip, PER_TENSOR)
 
 
-def _launch_failed(opt, group: dict, plan: Plan, arrays: list, kernel, n: int, error: Exception) -> None:
-    """Launch ``n`` of ``plan`` raised: its tensors and those of the later launches (none of them touched:
-    every table is built before a kernel's first launch) join the eager ones; the kernel is not used
-    again (``kernels.broken``); logged once, reported by ``step_path``."""
-    rest = sorted(i for _, idx, _, _, _ in plan.launches[n:] for i in idx)
+def _launch_failed(opt, group: dict, plan: Plan, arrays: list, kernel, n: int, error: Exception,
+                   rest: Optional[List[int]] = None) -> None:
+    """Launch ``n`` of ``plan`` raised: its tensors and those of the later launches (``rest``; none of
+    them touched: every table is built before a kernel's first launch) join the eager ones; the kernel is
+    not used again (``kernels.broken``); logged once, reported by ``step_path``."""
+    if rest is None:
+        rest = sorted(i for _, idx, _, _, _ in plan.launches[n:] for i in idx)
     reason = f"{type(opt).__name__}: the {kernel.backend} kernel failed to launch ({type(error).__name__}: {error})"
     kernels.broken(kernel, reason)
     eager = eager_path(group, [arrays[i][0] for i in rest])
@@ -209,3 +215,73 @@ def run_eager(opt, group: dict, arrays: list, steps: list, pids: list, clip: Opt
     seed = int(group.get("rounding_seed", 0))
     for a, w, step, pid in zip(arrays, work, steps, pids):
         _rounding.write_back_arrays(a, w, stochastic_arrays(group, [t.dtype for t in a]), seed, step, pid)
+
+
+class Reuse:
+    """What a group's last all-kernel step worked out, for the next step to reuse while nothing it depends
+    on changed: the same param group, parameter list and state dict objects, the same parameters with a
+    gradient, the same array names (mode, amsgrad, ...), and per parameter (``signature``) the same
+    address and element count of the parameter, the same memory layout of the parameter and its gradient
+    and the same addresses of its state buffers (replaced ``.data``, ``model.to()`` or a loaded state dict
+    move one). Gradients may move between steps (``zero_grad(set_to_none=True)``): their addresses are
+    read at every step (torch guarantees a gradient's shape, dtype and device are its parameter's). The
+    group's numbers (lr, betas, ...) are read at every step too: ``kernels.find`` turns them into the
+    kernel's operands, per partition. What is not redone: the eligibility checks, state creation and
+    partitioning."""
+
+    __slots__ = ("group", "params", "state", "names", "present", "states", "signature", "parts")
+
+    def __init__(self, opt, group: dict, names: list, present: list, states: list, arrays: list, plan: Plan,
+                 pids: list, signature: list):
+        self.group, self.params, self.state, self.names = group, group["params"], opt.state, names
+        self.present, self.states, self.signature = present, states, signature
+        # per launch: kernel, device, dtypes, tensor indices, their element counts and ids
+        self.parts = [(kernel, device, [t.dtype for t in arrays[idx[0]]], idx, [arrays[i][0].numel() for i in idx],
+                       [pids[i] for i in idx]) for kernel, idx, _, device, _ in plan.launches]
+
+    def matches(self, opt, group: dict, names: list, present: list, signature: list) -> bool:
+        return (group is self.group and group["params"] is self.params and opt.state is self.state
+                and names == self.names and present == self.present and signature == self.signature)
+
+
+def signature(params: list, grads: list, states: list, keys: list) -> list:
+    """Per stepped parameter what a reused plan depends on (see ``Reuse``)."""
+    return [(p.data_ptr(), p.numel(), p.is_contiguous() or p.stride(), g.is_contiguous() or g.stride(),
+             *[s[k].data_ptr() for k in keys]) for p, g, s in zip(params, grads, states)]
+
+
+def run_again(opt, group: dict, reuse: Reuse, params: list, grads: list, steps: list,
+              clip: Optional[Tensor]) -> Optional[List[str]]:
+    """Step with ``reuse``'s partitions and tables; the operands are computed anew for this step's group
+    values. Returns the paths taken, or None (nothing stepped) when a partition has no kernel for these
+    values: the caller then decides afresh. A launch that fails sends its tensors and the later ones to
+    the eager path, as ``run`` does."""
+    names = reuse.names
+    calls = []
+    sig = reuse.signature
+    for kernel, device, dtypes, idx, numels, pids in reuse.parts:
+        step = steps[idx[0]]
+        ptrs = [x for i in idx for x in (sig[i][0], grads[i].data_ptr(), *sig[i][4:])]
+        rounding = stochastic_arrays(group, dtypes)
+        try:
+            found, operands, clip_slot = kernels.find(opt, group, names, dtypes, rounding, kernel.backend, step,
+                                                      clip, device)
+        except kernels.Fallback:
+            return None
+        seed = int(group.get("rounding_seed", 0))
+        streams = [_rounding.stream(seed, step, a) for a, on in enumerate(rounding) if on]
+        calls.append((found, ptrs, numels, pids, list(operands) + streams, device,
+                      {} if clip_slot is None else {clip_slot: clip}))
+    for n, (found, ptrs, numels, pids, scalars, device, on_device) in enumerate(calls):
+        try:
+            kernels.launch(found, ptrs, numels, pids, scalars, device, on_device)
+        except Exception as e:
+            rest = [(i, pid) for part in reuse.parts[n:] for i, pid in zip(part[3], part[5])]
+            arrays = [[params[i], grads[i], *(reuse.states[i][k] for k in names[2:])] for i, _ in rest]
+            plan = Plan()
+            plan.launches = [(c[0], [], [], c[5], {}) for c in calls[: n + 1]]
+            plan.paths = [f"{found.backend} kernel"]
+            _launch_failed(opt, group, plan, arrays, found, n, e, rest=list(range(len(arrays))))
+            _eager(opt, group, plan.eager_path, arrays, [steps[i] for i, _ in rest], [pid for _, pid in rest], clip)
+            return plan.paths
+    return [f"{calls[0][0].backend} kernel"] if calls else None

@@ -17,6 +17,7 @@ def upgrade(opt) -> None:
     """Fill in what ``opt`` (a ``WinOptimizer`` just given its ``__dict__``) lacks."""
     state = opt.__dict__
     state.setdefault("_paths_taken", {})
+    state["_reuse"] = {}
     if "_registered_ids" not in state:  # unpickled; load_state_dict() keeps the live set, so flattened
         # partitions (DeepSpeed loads ZeRO checkpoints this way) stay recognised as such
         state["_registered_ids"] = {id(p) for g in opt.param_groups for p in g["params"]}
