@@ -208,7 +208,7 @@ def workers() -> int:
 
 def wide_bytes(facts: dict, op: str) -> int:
     """Bytes per thread moved by accesses of 128 bits or more."""
-    return sum(bits // 8 * n for bits, n in facts["loads" if op == "ld" else "stores"].items() if bits >= 128)
+    return sum(int(bits) // 8 * n for bits, n in facts["loads" if op == "ld" else "stores"].items() if int(bits) >= 128)
 
 
 def run(archs: List[int], out: Path, progress=print) -> dict:
@@ -262,9 +262,9 @@ def run(archs: List[int], out: Path, progress=print) -> dict:
                 continue
             (out / f"sm_{cc}").mkdir(parents=True, exist_ok=True)
             (out / f"sm_{cc}" / f"{kid}.ptx").write_text(facts.pop("ptx"))
-            size = {a: torch.finfo(getattr(torch, dtypes[a])).bits // 8 for a in set(loads) | set(stores)}
-            facts.update(array_bytes_per_thread={"ld": THREAD_ELEMENTS * sum(size[a] for a in loads),
-                                                 "st": THREAD_ELEMENTS * sum(size[a] for a in stores)},
+            share = {a: THREAD_ELEMENTS * torch.finfo(getattr(torch, dtypes[a])).bits // 8 for a in set(loads) | set(stores)}
+            facts.update(array_bytes_per_thread={"ld": sum(share[a] for a in loads if share[a] >= 16),
+                                                 "st": sum(share[a] for a in stores if share[a] >= 16)},
                          dtypes=dtypes, first_case=label)
             report["kernels"].setdefault(kid, {})[f"sm_{cc}"] = facts
     report["kernels"] = {k: dict(sorted(v.items())) for k, v in sorted(report["kernels"].items())}
@@ -276,10 +276,13 @@ def run(archs: List[int], out: Path, progress=print) -> dict:
 
 
 def full_width(facts: dict) -> bool:
-    """Whether every array byte of a kernel goes through accesses of 128 bits or more (the ``_full``
-    kernels' claim; the masked ones make no such claim)."""
+    """Whether a kernel moves every array byte in accesses as wide as its thread's share allows (the
+    ``_full`` kernels' claim; the masked ones make none): nothing narrower than 64 bits, and every array
+    whose share per thread is 16 bytes or more (float32, float64) in accesses of 128 bits or more
+    (bfloat16 and float16 shares are 8 bytes: one 64-bit access)."""
     want = facts["array_bytes_per_thread"]
-    return wide_bytes(facts, "ld") == want["ld"] and wide_bytes(facts, "st") == want["st"]
+    narrow = any(int(bits) < 64 for op in ("loads", "stores") for bits in facts[op])
+    return not narrow and wide_bytes(facts, "ld") == want["ld"] and wide_bytes(facts, "st") == want["st"]
 
 
 def _widths(counts: dict) -> str:
@@ -305,7 +308,9 @@ def markdown(report: dict) -> str:
           f"- FMA instructions: {sum(f['fma'] for _, _, f in rows)}; approximate divisions or roots: "
           f"{sum(f['approx'] for _, _, f in rows)}.",
           f"- Whole-block kernels (`*_full`, tensors whose arrays are 16-byte aligned): {len(full) - len(narrow)} of "
-          f"{len(full)} move every array byte in accesses of 128 bits or more"
+          f"{len(full)} move every float32/float64 array byte in accesses of 128 bits or more and nothing in "
+          f"accesses under 64 bits (a thread's share of a bfloat16/float16 array, {THREAD_ELEMENTS} elements, is "
+          "one 64-bit access)"
           f"{' (not: ' + ', '.join(narrow) + ')' if narrow else ''}. The masked kernels (tails, misaligned "
           "tensors) make no such claim.",
           f"- Bytes per element at the floor (each array read once, each written array written once) in "
@@ -316,7 +321,7 @@ def markdown(report: dict) -> str:
            for c in report["cases"]]
     md += ["", "## Kernels", "", "Loads / stores: count x bits of global accesses per thread (64-bit scalars are "
            "the pointer, block and scalar tables). Array bytes: per thread, moved by 128-bit+ accesses / the "
-           "arrays' bytes.", "",
+           "float32 and float64 arrays' bytes.", "",
            "| kernel | arch | dtypes | registers | spills (st/ld B) | shared B | loads | stores | fma | div.rn | "
            "sqrt.rn | approx | array bytes ld | array bytes st |", "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for kid, arch, f in rows:
