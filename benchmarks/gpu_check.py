@@ -80,12 +80,35 @@ def compare(ours, ref, dtype):
     return diff.max().item(), diff.max().item() / scale, int((diff > 0).sum().item()), ok
 
 
-def run_case(name, mode, config, device, shapes, seed=0, kernel="triton"):
+def step_both(kernel, make_params, build, grads, device, dtype):
+    """The same steps (one per entry of ``grads``) from the same parameters, with ``kernel``
+    (``fused=True`` under ``HF_WIN_FUSED_BACKEND=kernel``) and with foreach: per path (parameters,
+    optimizer, its step path, kernel calls)."""
     import torch
 
     from hf_win.optim import kernels
-    from hf_win.registry import OPTIMIZERS
     from step_time import backend
+
+    result = {}
+    for path in (kernel, "foreach"):
+        params = make_params()
+        opt = build(params, {"fused": True} if path == kernel else {"foreach": True, "fused": False})
+        calls0 = kernels.counters()["calls"]
+        with backend(kernel if path == kernel else None):
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.to(device=device, dtype=dtype)
+                opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result[path] = (params, opt, opt.step_path(), kernels.counters()["calls"] - calls0)
+    return result[kernel], result["foreach"]
+
+
+def run_case(name, mode, config, device, shapes, seed=0, kernel="triton"):
+    import torch
+
+    from hf_win.registry import OPTIMIZERS
 
     label, pdtype, extra = config
     pdtype = getattr(torch, pdtype)
@@ -94,21 +117,10 @@ def run_case(name, mode, config, device, shapes, seed=0, kernel="triton"):
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen) * 0.5 for s in shapes]
     grads = [[torch.randn(s, generator=gen) * 0.1 for s in shapes] for _ in range(STEPS)]
-    result = {}
-    for path in (kernel, "foreach"):
-        params = [torch.nn.Parameter(t.to(device=device, dtype=pdtype, copy=True)) for t in init]
-        flags = {"fused": True} if path == kernel else {"foreach": True, "fused": False}
-        opt = spec.cls([dict(extra, params=params)], **kw, **flags)  # state_dtype etc.: param-group keys
-        calls0 = kernels.counters()["calls"]
-        with backend(kernel if path == kernel else None):
-            for step in range(STEPS):
-                for p, g in zip(params, grads[step]):
-                    p.grad = g.to(device=device, dtype=pdtype)
-                opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        result[path] = (params, opt, opt.step_path(), kernels.counters()["calls"] - calls0)
-    (tp, topt, tpath, tcalls), (fp, fopt, _, _) = result[kernel], result["foreach"]
+    (tp, topt, tpath, tcalls), (fp, fopt, _, _) = step_both(
+        kernel, lambda: [torch.nn.Parameter(t.to(device=device, dtype=pdtype, copy=True)) for t in init],
+        lambda params, flags: spec.cls([dict(extra, params=params)], **kw, **flags),  # state_dtype: a group key
+        grads, device, pdtype)
     worst = {"array": "", "abs": 0.0, "rel": 0.0, "differing": 0, "ok": True}
     for i, (a, b) in enumerate(zip(tp, fp)):
         pairs = [("param", a, b)] + [(k, topt.state[a][k], fopt.state[b][k]) for k in fopt.state[b]
@@ -307,32 +319,22 @@ def matrix_case(case, device, seed=0):
     same parameters and gradients; the worst array's error against the tolerance of its dtype."""
     import torch
 
-    from hf_win.optim import kernels
     from hf_win.optim.kernels.aot import PRECISIONS
-    from step_time import backend
 
     dtype, extra = PRECISIONS[case["precision"]]
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(2 * 1024 + 7, generator=gen), torch.randn(5, generator=gen), torch.randn(1024 + 4, generator=gen)]
     grads = [[torch.randn(t.numel() - (1 if i == 2 else 0), generator=gen) * 0.1 for i, t in enumerate(init)]
              for _ in range(MATRIX_STEPS)]
-    result = {}
-    for path in ("triton", "foreach"):
+
+    def make_params():
         params = [torch.nn.Parameter(t.to(device=device, dtype=dtype, copy=True)) for t in init[:2]]
-        params.append(torch.nn.Parameter(init[2].to(device=device, dtype=dtype, copy=True)[1:]))  # misaligned
-        flags = {"fused": True} if path == "triton" else {"foreach": True, "fused": False}
-        opt = case["cls"]([dict(extra, params=params)], lr=1e-2, acceleration_mode=case["mode"], **case["kwargs"],
-                          **flags)
-        calls0 = kernels.counters()["calls"]
-        with backend("triton" if path == "triton" else None):
-            for step in range(MATRIX_STEPS):
-                for p, g in zip(params, grads[step]):
-                    p.grad = g.to(device=device, dtype=dtype)
-                opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        result[path] = (params, opt, opt.step_path(), kernels.counters()["calls"] - calls0)
-    (tp, topt, tpath, tcalls), (fp, fopt, _, _) = result["triton"], result["foreach"]
+        return params + [torch.nn.Parameter(init[2].to(device=device, dtype=dtype, copy=True)[1:])]  # misaligned
+
+    (tp, topt, tpath, tcalls), (fp, fopt, _, _) = step_both(
+        "triton", make_params, lambda params, flags: case["cls"](
+            [dict(extra, params=params)], lr=1e-2, acceleration_mode=case["mode"], **case["kwargs"], **flags),
+        grads, device, dtype)
     ok, worst = True, (0.0, "")
     for a, b in zip(tp, fp):
         pairs = [("param", a, b)] + [(k, topt.state[a][k], fopt.state[b][k]) for k in fopt.state[b]
