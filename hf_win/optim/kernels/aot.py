@@ -298,7 +298,8 @@ def markdown(report: dict) -> str:
     md = [f"# Triton kernels compiled ahead of time: triton {report['triton']}, {', '.join(report['archs'])}", "",
           f"Command: `python -m hf_win.optim.kernels.aot --arch {','.join(report['archs'])} --out DIR` "
           f"(torch {report['torch']}, no GPU: `triton.compile` with `GPUTarget('cuda', NN, 32)`, PTX and a cubin "
-          f"by the ptxas Triton ships; {report['seconds']:.0f} s on {report.get('machine', 'this machine')}).", "",
+          f"by the ptxas Triton ships; {report['seconds']:.0f} s wall clock on {report.get('machine', 'this machine')}, "
+          f"{sum(f.get('cpu_seconds', 0) for _, _, f in rows):.0f} CPU seconds of compilation).", "",
           f"- {len(report['cases'])} cases (optimizer x mode x precision x flags x clipping), "
           f"{len(kernels)} distinct kernel functions, {len(rows)} compilations; "
           f"**{len(report['failures'])} failures**{': ' + '; '.join(report['failures']) if report['failures'] else ''}.",
