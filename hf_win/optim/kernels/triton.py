@@ -1,15 +1,19 @@
 """The Triton emitter: the same traced step (``ir.schedule``) as Triton kernels, for CUDA tensors.
 
-One launch per stage over every tensor of a call: a table of data pointers (int64, cast to typed
-pointers in the kernel) and a table of blocks (tensor index, start offset), so a param group's step is one
-launch whatever the number of tensors (three for a step with a reduction: the stage that computes it, a
-per-tensor sum of the blocks' partial sums in block order, so results are deterministic, then the stage
-that uses it). Offsets are int64: tensors past 2^31 elements are fine. Arithmetic is in float32 for
+Per stage two kernels over every tensor of a call: ``stage<i>_full`` for the whole blocks of tensors whose
+arrays all start 16 bytes aligned (no mask; alignment and contiguity hints that are true for exactly
+those blocks, so the compiler emits 128-bit accesses) and ``stage<i>`` (masked, no hint) for the tails
+and for misaligned tensors; the host sorts the blocks (``aligned``, ``block_tables``). Each reads a table
+of data pointers (int64, cast to typed pointers in the kernel) and a table of blocks (tensor index, start
+offset), so a param group's step is one or two launches per stage whatever the number of tensors (a step
+with a reduction adds a per-tensor sum of the blocks' partial sums in block order, so results are
+deterministic). Offsets are int64: tensors past 2^31 elements are fine. Arithmetic is in float32 for
 float32/bfloat16/float16 tensors (float64 for float64 parameters), in registers; host scalars arrive in a
 float64 tensor (Triton would make Python floats float32), and divisions and square roots are the
 correctly rounded ones (``div_rn``/``sqrt_rn``) without FMA contraction, as the eager path computes.
 bfloat16 is converted by the same bit operations as the C kernel (nearest, or stochastic with the
-counter-based bits of ``_rounding.py``), so both round an element identically.
+counter-based bits of ``_rounding.py``), so both round an element identically. ``aot.py`` compiles every
+kernel for sm_80/sm_90 without a GPU and checks these claims in the PTX.
 
 The generated source is registered in ``linecache`` (Triton reads a kernel's source through ``inspect``)
 and executed from memory: nothing is written to or loaded from disk but Triton's own compilation cache.
@@ -32,7 +36,7 @@ import triton.language as tl  # noqa: F401
 from .._precision import compute_dtype, exact_arrays
 from .ir import Program, Unsupported, render, schedule, spelling
 
-__all__ = ["emit", "TritonKernel"]
+__all__ = ["emit", "load", "aligned", "block_tables", "to_device", "TritonKernel"]
 
 BLOCK = 1024
 NUM_WARPS = 8  # 4 elements per thread and array: no kernel spills (4 warps: a few spilled, sm_80/sm_90)
