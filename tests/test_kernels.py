@@ -484,11 +484,15 @@ def test_a_reused_step_plan_notices_every_change(backend, monkeypatch):
             if k == 7:
                 opt.param_groups[0]["lr"] = 0.02
                 opt.param_groups[0]["betas"] = (0.8, 0.99)
+            if k == 9 and not flags:
+                opt.param_groups[0]["fused"] = False  # asks for the eager path from now on
             for i, p in enumerate(params):
                 p.grad = None if (i == 2 and k < 2) or (i == 1 and k == 8) else torch.randn_like(p)
             extra.grad = torch.randn_like(extra)
             opt.step()
             out.append([p.detach().clone() for p in params])
+            if k == 9 and not flags:
+                assert opt.step_path().startswith("foreach")  # group 0 left the kernel
     n = len(out) // 2
     for a, b in zip(out[:n], out[n:]):
         for x, y in zip(a, b):

@@ -219,8 +219,9 @@ def run_eager(opt, group: dict, arrays: list, steps: list, pids: list, clip: Opt
 
 class Reuse:
     """What a group's last all-kernel step worked out, for the next step to reuse while nothing it depends
-    on changed: the same param group, parameter list and state dict objects, the same parameters with a
-    gradient, the same array names (mode, amsgrad, ...), and per parameter (``signature``) the same
+    on changed: the same param group, parameter list and state dict objects, a group that still asks for a
+    kernel under the same ``HF_WIN_FUSED_BACKEND``, the same parameters with a gradient, the same array
+    names (mode, amsgrad, ...), and per parameter (``signature``) the same
     address and element count of the parameter, the same memory layout of the parameter and its gradient
     and the same addresses of its state buffers (replaced ``.data``, ``model.to()`` or a loaded state dict
     move one). Gradients may move between steps (``zero_grad(set_to_none=True)``): their addresses are
@@ -229,19 +230,21 @@ class Reuse:
     kernel's operands, per partition. What is not redone: the eligibility checks, state creation and
     partitioning."""
 
-    __slots__ = ("group", "params", "state", "names", "present", "states", "signature", "parts")
+    __slots__ = ("group", "params", "state", "names", "present", "states", "signature", "parts", "setting")
 
     def __init__(self, opt, group: dict, names: list, present: list, states: list, arrays: list, plan: Plan,
                  pids: list, signature: list):
         self.group, self.params, self.state, self.names = group, group["params"], opt.state, names
         self.present, self.states, self.signature = present, states, signature
+        self.setting = kernels.backend_setting()
         # per launch: kernel, device, dtypes, tensor indices, their element counts and ids
         self.parts = [(kernel, device, [t.dtype for t in arrays[idx[0]]], idx, [arrays[i][0].numel() for i in idx],
                        [pids[i] for i in idx]) for kernel, idx, _, device, _ in plan.launches]
 
     def matches(self, opt, group: dict, names: list, present: list, signature: list) -> bool:
         return (group is self.group and group["params"] is self.params and opt.state is self.state
-                and names == self.names and present == self.present and signature == self.signature)
+                and names == self.names and present == self.present and signature == self.signature
+                and kernel_requested(group) and kernels.backend_setting() == self.setting)
 
 
 def signature(params: list, grads: list, states: list, keys: list) -> list:
