@@ -1,0 +1,326 @@
+"""``Win(base_optimizer)``: Win / Win2 around any constructed ``torch.optim.Optimizer``.
+
+Each step the base optimizer makes its own step at the current parameters (its state, schedules,
+orthogonalisation or factorisation, all its own). The wrapper recovers that step as
+``lr*u = p_before - p_after`` and applies the shared acceleration of ``_win.py`` to it, keeping ``x``
+(and ``y``) per parameter in the base's state (``ALGORITHM.md``, "Win around another optimizer").
+
+The wrapper owns nothing the base has: ``param_groups``, ``state`` and ``defaults`` are the base's (plus
+three group keys, :data:`WIN_KEYS`), so a scheduler built on the wrapper drives the base, and the base's
+``state_dict`` carries ``x``/``y`` beside its own buffers.
+
+Precision: the recovered step is exact up to the rounding of the base's own write ``p + step``, at most
+half a unit in the last place of the parameter; the wrapper never rounds the parameter it restores (the
+subtraction and the restoring addition are exact in the usual case, Sterbenz's lemma). ``docs/wrapper.md``
+states the bound and what it costs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import _state_dict
+from ._ops import FOREACH
+from ._win import MODES, accelerate, extra_state_keys
+
+__all__ = ["Win", "WIN_KEYS"]
+
+#: The param group keys the wrapper adds to the base's groups (per-group settings, saved with them).
+WIN_KEYS = ("acceleration_mode", "reckless_steps", "win_weight_decay")
+#: Parameter dtypes whose acceleration is computed in float32 and rounded back (to nearest).
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _base_name(base) -> str:
+    cls = type(base)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class Win(torch.optim.Optimizer):
+    r"""Win or Win2 acceleration around ``base_optimizer``, any constructed ``torch.optim.Optimizer``.
+
+    Args:
+        base_optimizer: the optimizer whose step direction is accelerated. Its param groups, state and
+            hooks stay its own; it must not be an hf_win optimizer (those are accelerated already).
+        acceleration_mode: ``"win"`` (default), ``"win2"`` or ``"none"`` (the base's step, unchanged).
+        reckless_steps: ``(r1, r2)`` (default ``(2.0, 8.0)``).
+        weight_decay: the decay Win integrates (proximal, ``lam`` of ``ALGORITHM.md``; default 0). The
+            base's own ``weight_decay`` must then be 0 in every group, or the constructor refuses, naming
+            both. Per group it is the key ``win_weight_decay``.
+        keep_base_weight_decay: leave the base's own weight decay in its step (``lam = 0``, as for Adam
+            and LAMB); ``weight_decay`` must then be 0.
+
+    Each param group of the base gets the keys of :data:`WIN_KEYS` (settable per group like any
+    hyper-parameter). ``lr`` is read from the base's group at every step (needed only when
+    ``win_weight_decay`` is not 0), so ``lr = 0`` and every scheduler work. A closure given to
+    :meth:`step` is evaluated once, here, before the base's step (optimizers that re-evaluate it, such as
+    LBFGS, are refused). Parameters without a gradient are left to the base (which skips them) and their
+    ``x``/``y`` do not advance. ``maximize`` and complex parameters are the base's business; the wrapper
+    steps complex parameters through their real views. For bfloat16/float16 parameters the acceleration
+    is computed in float32 and rounded to nearest.
+
+    Memory: ``x`` (and ``y``) per parameter in the parameter's dtype, plus one parameter-sized copy
+    during a step (the parameters before the base's step; float32 work copies for low-precision ones).
+    """
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, acceleration_mode: str = "win",
+                 reckless_steps=(2.0, 8.0), weight_decay: float = 0.0, *, keep_base_weight_decay: bool = False):
+        from ._base import WinOptimizer  # hf_win's own optimizers import this package; no cycle at call time
+
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Win: base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        if isinstance(base_optimizer, (WinOptimizer, Win)):
+            raise ValueError(
+                f"Win: base_optimizer is hf_win's {type(base_optimizer).__name__}, which is Win-accelerated "
+                "already; wrap the plain optimizer (e.g. torch.optim.AdamW) or use its acceleration_mode")
+        if isinstance(base_optimizer, torch.optim.LBFGS):
+            raise ValueError("Win: torch.optim.LBFGS re-evaluates the closure inside its step (a line search); "
+                             "its step is not a direction Win can accelerate")
+        if not isinstance(keep_base_weight_decay, bool):
+            raise ValueError(f"Win: keep_base_weight_decay must be True or False, got {keep_base_weight_decay!r}")
+        if isinstance(reckless_steps, list):
+            reckless_steps = tuple(reckless_steps)
+        win_defaults = {"acceleration_mode": acceleration_mode, "reckless_steps": reckless_steps,
+                        "win_weight_decay": weight_decay}
+        self._win_defaults = win_defaults
+        self.base_optimizer = base_optimizer
+        self.keep_base_weight_decay = keep_base_weight_decay
+        self._check_group({**win_defaults, "lr": None}, "", base_decay=0.0)
+        groups = base_optimizer.param_groups
+        merged = [{**win_defaults, **{k: g[k] for k in WIN_KEYS if k in g}} for g in groups]
+        for i, (g, m) in enumerate(zip(groups, merged)):
+            self._check_group({**g, **m}, f" (param group {i})")
+        for p in (p for g in groups for p in g["params"]):
+            taken = [k for k in ("x", "y") if k in base_optimizer.state.get(p, {})]
+            if taken:
+                raise ValueError(f"Win: the base optimizer {_base_name(base_optimizer)} keeps state {taken} of its "
+                                 "own; Win's sequences use those names")
+        for g, m in zip(groups, merged):
+            g.update(m)
+        self.last_load_report: Optional[str] = None
+        # torch.optim.Optimizer's hook tables and step patching, without its param groups (the base's)
+        super().__setstate__({})
+
+    # ------------------------------------------------------------------ the base's, seen through the wrapper
+    @property
+    def param_groups(self):
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.base_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.base_optimizer.state = value
+
+    @property
+    def defaults(self):
+        return {**self.base_optimizer.defaults, **self._win_defaults}
+
+    def __getstate__(self):
+        return {"base_optimizer": self.base_optimizer, "_win_defaults": self._win_defaults,
+                "keep_base_weight_decay": self.keep_base_weight_decay, "last_load_report": self.last_load_report}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        return f"Win({self.base_optimizer!r})"
+
+    # ------------------------------------------------------------------ validation
+    def _check_group(self, group: dict, where: str, base_decay=None) -> None:
+        """``ValueError`` naming the key and the allowed values, before anything is changed."""
+        mode = group.get("acceleration_mode")
+        if mode not in MODES:
+            raise ValueError(f"Win: acceleration_mode{where} must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        rs = group.get("reckless_steps")
+        if (not isinstance(rs, (tuple, list)) or len(rs) != 2
+                or not all(_is_number(r) and r > 0 and math.isfinite(r) for r in rs)):
+            raise ValueError(f"Win: reckless_steps{where} must be two positive numbers (r1, r2), e.g. (2.0, 8.0); "
+                             f"got {rs!r}")
+        wd = group.get("win_weight_decay")
+        if not _is_number(wd) or wd < 0 or not math.isfinite(wd):
+            raise ValueError(f"Win: weight_decay (win_weight_decay){where} must be a number >= 0, got {wd!r}")
+        if wd and mode == "none":
+            raise ValueError(
+                f"Win: weight_decay (win_weight_decay){where} = {wd!r} with acceleration_mode='none': the base's "
+                "step runs unchanged, so Win integrates no decay; give the decay to the base optimizer")
+        if wd and self.keep_base_weight_decay:
+            raise ValueError(f"Win: weight_decay (win_weight_decay){where} = {wd!r} with keep_base_weight_decay=True: "
+                             "the decay is either the base's or Win's, not both")
+        base_decay = group.get("weight_decay", 0.0) if base_decay is None else base_decay
+        if mode != "none" and not self.keep_base_weight_decay and _is_number(base_decay) and base_decay != 0:
+            raise ValueError(
+                f"Win: the base optimizer {_base_name(self.base_optimizer)} has weight_decay={base_decay!r}{where}, "
+                f"and Win integrates weight decay itself (Win's weight_decay={wd!r}): build the base with "
+                "weight_decay=0 and give the decay to Win(weight_decay=...), or pass keep_base_weight_decay=True "
+                "to keep the base's decay in its step")
+        if wd and "lr" not in group:
+            raise ValueError(f"Win: weight_decay{where} needs the base's param group to hold 'lr' (the decay per "
+                             "step is lr * weight_decay)")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """The base's ``add_param_group`` with the Win keys filled from the wrapper's defaults (validated
+        first: nothing is added on an error)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        merged = {**self._win_defaults, **param_group}
+        if isinstance(merged["reckless_steps"], list):
+            merged["reckless_steps"] = tuple(merged["reckless_steps"])
+        base_decay = merged.get("weight_decay", self.base_optimizer.defaults.get("weight_decay", 0.0))
+        self._check_group(merged, f" (param group {len(self.param_groups)})", base_decay=base_decay)
+        self.base_optimizer.add_param_group(merged)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none)
+
+    # ------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict:
+        """The base's state dict (its buffers and ``x``/``y`` per parameter, the Win keys in its groups)
+        plus ``"hf_win": {"class": "Win", "base": <the base's class>}``."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = dict(self.base_optimizer.state_dict())
+        sd[_state_dict.MARK] = {"class": "Win", "base": _base_name(self.base_optimizer)}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this wrapper, or a plain one of the base optimizer (then ``x``/``y`` start
+        from the current parameters at the next step, and ``last_load_report`` says so). A saved
+        ``acceleration_mode`` other than this optimizer's is converted to this one's (kept ``x``, ``y``
+        started or dropped), as hf_win's optimizers do; anything else is the checkpoint's."""
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        mark = state_dict.pop(_state_dict.MARK, None)
+        ours = _base_name(self.base_optimizer)
+        if mark is not None and (mark.get("class") != "Win" or mark.get("base") != ours):
+            raise ValueError(f"Win.load_state_dict: the state dict was saved by hf_win {mark.get('class')} "
+                             f"(base {mark.get('base')}), this optimizer is Win around {ours}")
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        notes = [] if mark is not None else [
+            f"loaded a {ours} state dict without Win's sequences: x (and y) start from the parameters at the next step"]
+        if len(groups) == len(self.param_groups):
+            for i, (g, own) in enumerate(zip(groups, self.param_groups)):
+                for k in WIN_KEYS:
+                    g.setdefault(k, own[k])
+                if isinstance(g["reckless_steps"], list):
+                    g["reckless_steps"] = tuple(g["reckless_steps"])
+                if g["acceleration_mode"] != own["acceleration_mode"]:
+                    notes.append(f"param group {i} was saved with acceleration_mode={g['acceleration_mode']!r}; "
+                                 f"this optimizer's {own['acceleration_mode']!r} is kept")
+                    g["acceleration_mode"] = own["acceleration_mode"]
+                self._check_group(g, f" (param group {i} of the loaded state dict)")
+        self.base_optimizer.load_state_dict({**state_dict, "param_groups": groups})
+        for group in self.param_groups:  # the Win sequences a group's mode does not keep
+            unwanted = {"x", "y"} - set(extra_state_keys(group["acceleration_mode"]))
+            for p in group["params"]:
+                for k in unwanted & set(self.state.get(p, ())):
+                    del self.state[p][k]
+        self.last_load_report = "; ".join(notes) or None
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    # ------------------------------------------------------------------ the step
+    def step_path(self) -> str:
+        """What a step runs: the base's own step, then the acceleration (eager foreach)."""
+        modes = sorted({g["acceleration_mode"] for g in self.param_groups})
+        accel = [m for m in modes if m != "none"]
+        tail = f", then {'/'.join(accel)} on foreach" if accel else " (acceleration_mode='none')"
+        return f"{type(self.base_optimizer).__name__} step{tail}"
+
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            plans = []
+            for i, group in enumerate(self.param_groups):
+                self._check_group(group, f" (param group {i})")
+                if group["acceleration_mode"] != "none":
+                    params = [p for p in group["params"] if p.grad is not None]
+                    fresh = [not any(k in self.state.get(p, ()) for k in ("x", "y")) for p in params]
+                    plans.append((group, params, fresh, [p.detach().clone() for p in params]))
+            self.base_optimizer.step()
+            for group, params, fresh, before in plans:
+                self._accelerate(group, params, fresh, before)
+        return loss
+
+    def _accelerate(self, group, params, fresh, before) -> None:
+        """``before`` (the parameters before the base's step) becomes the recovered step ``lr*u``; the
+        parameters are put back where they were and moved by ``_win.accelerate``."""
+        mode = group["acceleration_mode"]
+        for p, new in zip(params, fresh):
+            taken = [k for k in ("x", "y") if new and k in self.state[p]]
+            if taken:
+                raise RuntimeError(f"Win: the base optimizer {_base_name(self.base_optimizer)} created state "
+                                   f"{taken} of its own; Win's sequences use those names")
+        low = [i for i, p in enumerate(params) if p.dtype in _LOW_PRECISION]
+        full = [i for i, p in enumerate(params) if p.dtype not in _LOW_PRECISION]
+        if full:
+            ps = [_real(params[i]) for i in full]
+            steps = [_real(before[i]) for i in full]
+            FOREACH.add_(steps, ps, alpha=-1.0)  # lr*u = p_before - p_after
+            FOREACH.add_(ps, steps)  # back to p_before
+            self._win_step(group, mode, [params[i] for i in full], ps, steps)
+        for i in low:  # in float32, rounded back to the parameter's dtype
+            p = params[i]
+            work = _real(p).float()
+            step = _real(before[i]).float().sub_(work)
+            work.add_(step)
+            self._win_step(group, mode, [p], [work], [step], upcast=True)
+            _real(p).copy_(work)
+
+    def _win_step(self, group, mode, params, ps, steps, upcast: bool = False) -> None:
+        states = [self.state[p] for p in params]
+        for p, s, w in zip(params, states, ps):  # x, y start as copies of the parameter at its first step
+            for k in extra_state_keys(mode):
+                if k not in s:
+                    s[k] = p.detach().clone(memory_format=torch.preserve_format)
+            for k in {"x", "y"} - set(extra_state_keys(mode)):
+                s.pop(k, None)
+        xs = [_real(s["x"]) for s in states]
+        ys = [_real(s["y"]) for s in states] if mode == "win2" else None
+        if upcast:
+            xs = [x.float() for x in xs]
+            ys = [y.float() for y in ys] if ys is not None else None
+        wd = group["win_weight_decay"]
+        lr = float(group["lr"]) if wd else 0.0
+        r1, r2 = group["reckless_steps"]
+        # The recovered step is lr*u: accelerate() sees it as the update of a unit learning rate, and the
+        # decay per step is then lr*lam (every coefficient of ALGORITHM.md depends on lr only through lr*lam).
+        accelerate(FOREACH, ps, steps, xs, ys, mode=mode, lr=1.0, lam=lr * wd, r1=r1, r2=r2)
+        if upcast:
+            _real(states[0]["x"]).copy_(xs[0])
+            if ys is not None:
+                _real(states[0]["y"]).copy_(ys[0])
+
+    def state_bytes(self) -> int:
+        """Bytes held in state tensors (the base's and ``x``/``y``), for every parameter stepped so far."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                   if isinstance(v, Tensor))
