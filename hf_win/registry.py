@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch.optim.optimizer import required
 
-from .optim import Adam, AdamW, Adan, LAMB, SGD, WinOptimizer
+from .optim import LAMB, SGD, AdafactorWin, Adam, AdamW, Adan, MuonWin, NAdamWin, RAdamWin
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "available_optimizers", "get_optimizer_spec", "create_optimizer"]
 
@@ -43,6 +43,10 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         OptimizerSpec("lamb_win", LAMB, "LAMB (layer-wise trust ratio)"),
         OptimizerSpec("sgd_win", SGD, "SGD with (Nesterov) momentum"),
         OptimizerSpec("adan_win", Adan, "Adan (Nesterov momentum estimation)"),
+        OptimizerSpec("adafactor_win", AdafactorWin, "torch.optim.Adafactor (factored second moment), as Win(base)"),
+        OptimizerSpec("nadam_win", NAdamWin, "torch.optim.NAdam (Nesterov Adam), as Win(base)"),
+        OptimizerSpec("radam_win", RAdamWin, "torch.optim.RAdam (rectified Adam), as Win(base)"),
+        OptimizerSpec("muon_win", MuonWin, "torch.optim.Muon on hidden matrices, AdamW on the rest, as Win(base)"),
     )
 }
 
@@ -59,7 +63,7 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
     return OPTIMIZERS[key]
 
 
-def create_optimizer(name: str, params, **kwargs) -> WinOptimizer:
+def create_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
     """Build the registry optimizer ``name`` over ``params`` with constructor keywords ``kwargs``.
 
     Unknown keywords raise ``ValueError`` naming the accepted ones.

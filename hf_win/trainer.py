@@ -16,9 +16,11 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerCallback
 
 from ._compat import CheckpointNamesMixin, OptimizerResumeLogMixin, model_card_hyperparameters
-from .optim import WinOptimizer, check_partitioned
+from .optim import Win, WinOptimizer, check_partitioned
 from .registry import get_optimizer_spec
+from .optim import MuonWin
 from .optim._base import state_element_size
+from .optim._win import extra_state_keys
 from .training_args import is_win_optimizer, win_optimizer_kwargs
 
 __all__ = ["WinTrainer", "get_optimizer_cls_and_kwargs", "optimizer_state_bytes", "win_settings", "WinSettingsCallback"]
@@ -33,13 +35,18 @@ def get_optimizer_cls_and_kwargs(args, model: Optional[torch.nn.Module] = None) 
 
     A registry name in ``args.optim`` gives the Win optimizer with lr / weight_decay / betas / eps from the
     standard fields, ``acceleration_mode`` / ``reckless_steps`` from :class:`WinTrainingArguments`, the
-    parsed ``--optim_args`` and ``max_grad_norm=0`` (the Trainer clips). Any other name is delegated to
+    parsed ``--optim_args`` and ``max_grad_norm=0`` (the Trainer clips); for ``muon_win`` also ``model`` (the
+    Trainer then gives the optimizer the model instead of its parameter groups). Any other name is delegated to
     ``transformers.Trainer.get_optimizer_cls_and_kwargs``. The result fits
     ``Trainer(optimizer_cls_and_kwargs=...)``.
     """
     optim = getattr(args.optim, "value", args.optim)
     if is_win_optimizer(optim):
-        return win_optimizer_kwargs(args)
+        cls, kwargs = win_optimizer_kwargs(args)
+        if cls is MuonWin and model is not None:
+            # the Trainer builds cls(model, **kwargs): MuonWin splits the model (embeddings and head to AdamW)
+            kwargs["model"] = model
+        return cls, kwargs
     return Trainer.get_optimizer_cls_and_kwargs(args, model)
 
 
@@ -97,7 +104,7 @@ class _StepPathLogger(TrainerCallback):
             return
         self.done = True
         inner = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
-        if isinstance(inner, WinOptimizer):
+        if isinstance(inner, (WinOptimizer, Win)):
             path = inner.step_path()
             summary = getattr(self.trainer, "win_optimizer_summary", None)
             if summary is not None:
@@ -187,6 +194,9 @@ class WinTrainer(OptimizerResumeLogMixin, CheckpointNamesMixin, Trainer):
 
     def _log_win_optimizer(self, optimizer) -> None:
         inner = getattr(optimizer, "optimizer", optimizer)
+        if isinstance(inner, Win):
+            self._log_wrapped_optimizer(inner)
+            return
         if not isinstance(inner, WinOptimizer):
             return
         defaults = inner.defaults
@@ -208,4 +218,25 @@ class WinTrainer(OptimizerResumeLogMixin, CheckpointNamesMixin, Trainer):
             "buffers per parameter = %s for %d parameters, step: %s",
             name, type(inner).__name__, defaults["acceleration_mode"], tuple(defaults["reckless_steps"]), n,
             _fmt_bytes(nbytes), sum(p.numel() for p in params), self.win_optimizer_summary["step_path"],
+        )
+
+    def _log_wrapped_optimizer(self, inner: Win) -> None:
+        """The train-start line for a ``Win(base)`` registry optimizer: the base's state is its own (its size
+        is known after the first step); Win adds ``x`` (and ``y``) per parameter."""
+        defaults = inner.defaults
+        params = [p for g in inner.param_groups for p in g["params"]]
+        n = len(extra_state_keys(defaults["acceleration_mode"]))
+        nbytes = n * sum(p.numel() * p.element_size() for p in params)
+        name = getattr(self.args.optim, "value", self.args.optim)
+        self.win_optimizer_summary = {
+            "optimizer": name, "class": type(inner).__name__, "base": type(inner.base_optimizer).__name__,
+            "acceleration_mode": defaults["acceleration_mode"], "reckless_steps": tuple(defaults["reckless_steps"]),
+            "win_buffers_per_parameter": n, "win_state_bytes": nbytes, "step_path": inner.step_path(),
+        }
+        logger.info(
+            "hf_win optimizer: %s (%s = Win around %s), acceleration_mode=%s, reckless_steps=%s, Win's state: %d "
+            "buffers per parameter = %s for %d parameters (plus the base's own state), step: %s",
+            name, type(inner).__name__, type(inner.base_optimizer).__name__, defaults["acceleration_mode"],
+            tuple(defaults["reckless_steps"]), n, _fmt_bytes(nbytes), sum(p.numel() for p in params),
+            inner.step_path(),
         )

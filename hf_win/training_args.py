@@ -98,7 +98,7 @@ def optim_args_keys(name: str) -> Dict[str, str]:
 
 
 # Keywords whose kind the default does not tell (None for a dtype, 0 for an int).
-_KINDS = {"state_dtype": "dtype|none", "rounding_seed": "int"}
+_KINDS = {"state_dtype": "dtype|none", "rounding_seed": "int", "ns_steps": "int"}
 
 _FIELD_OF = {
     "lr": "`--learning_rate`",
@@ -247,8 +247,8 @@ def win_optimizer_kwargs(args: "TrainingArguments") -> Tuple[type, Dict[str, Any
     kwargs["weight_decay"] = float(args.weight_decay)
     kwargs["acceleration_mode"] = getattr(args, "acceleration_mode", "win")
     kwargs["reckless_steps"] = tuple(float(r) for r in getattr(args, "reckless_steps", (2.0, 8.0)))
-    # Explicit 0.0: the Trainer clips (LAMB's constructor default would be 1.0).
-    kwargs["max_grad_norm"] = 0.0
+    if "max_grad_norm" in accepted:  # explicit 0.0: the Trainer clips (LAMB's constructor default would be 1.0)
+        kwargs["max_grad_norm"] = 0.0
     kwargs.update(extra)
     return spec.cls, kwargs
 

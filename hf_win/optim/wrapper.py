@@ -241,7 +241,9 @@ class Win(torch.optim.Optimizer):
             for p in group["params"]:
                 for k in unwanted & set(self.state.get(p, ())):
                     del self.state[p][k]
-        self.last_load_report = "; ".join(notes) or None
+        modes = "/".join(sorted({g["acceleration_mode"] for g in self.param_groups}))
+        self.last_load_report = (f"Win({type(self.base_optimizer).__name__}).load_state_dict: "
+                                 + ("; ".join(notes) if notes else f"loaded as saved (acceleration_mode {modes})"))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
