@@ -6,8 +6,9 @@ the Triton kernel for CUDA tensors; on CPU the default ``fused=None`` runs the s
 Triton's interpreter could run it), ``foreach``, ``per_tensor``.
 
 For a named parameter set (the parameter shapes of a model, with random gradients), each group of
-contenders (our optimizer on each path, ``torch.optim.AdamW(fused=True)`` and ``AdamW(foreach=True)``)
-is built together and stepped in interleaved rounds, after warm-up; the table reports the median step
+contenders (our optimizer on each path, ``torch.optim.AdamW(fused=True)`` and ``AdamW(foreach=True)``,
+and for ``adamw_win`` the same step by the wrapper, ``hf_win.Win(torch.optim.AdamW(fused=True))``) is
+built together and stepped in interleaved rounds, after warm-up; the table reports the median step
 time of each (CUDA: CUDA events) and its ratio to fused AdamW *measured in the same group*. Also
 reported: the time of the first fused step (state creation, the kernel's build or its load from the
 cache, and the step), with the kernels and cache entries built/loaded by it, and the peak of memory
@@ -48,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from hf_win.optim import kernels  # noqa: E402
-from hf_win.optim._base import WinOptimizer  # noqa: E402
+from hf_win.optim import Win, WinOptimizer  # noqa: E402
 from hf_win.optim.kernels import cache as kcache  # noqa: E402
 from hf_win.registry import OPTIMIZERS, available_optimizers  # noqa: E402
 
@@ -207,6 +208,8 @@ class Contender:
                 self.compile_s = dt
                 self.first = (f"{k1['kernels'] - k0['kernels']} kernel(s), cache {c1['builds'] - c0['builds']} "
                               f"built / {c1['loads'] - c0['loads']} loaded")
+        elif isinstance(self.opt, Win):
+            self.impl, self.backend, self.path_taken = "wrapper", "-", self.opt.step_path()
         else:
             self.backend, self.path_taken = "-", "torch"
         return dt
@@ -267,6 +270,12 @@ def build_groups(args, shapes, grads, device):
             if "foreach" in args.baselines:
                 builders.append(("torch.AdamW/foreach", "torch.optim.AdamW", "foreach", "-",
                                  lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), None))
+            if "wrapper" in args.baselines and name == "adamw_win" and mode != "none":
+                # the same AdamW-Win step as hf_win.AdamW (the tests check it), by the wrapper
+                builders.append((f"Win(torch.AdamW/fused)/{mode}", "hf_win.Win(torch.optim.AdamW(fused=True))",
+                                 "wrapper", mode, lambda ps, mode=mode: Win(
+                                     torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, fused=True),
+                                     acceleration_mode=mode, weight_decay=1e-2), None))
             yield name, mode, builders
 
 
@@ -406,8 +415,10 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=["win", "win2", "none"], choices=["win", "win2", "none"])
     ap.add_argument("--paths", nargs="+", default=["fused", "triton", "foreach"],
                     choices=sorted(PATH_FLAGS))
-    ap.add_argument("--baselines", nargs="+", default=["fused", "foreach"], choices=["fused", "foreach"],
-                    help="torch.optim.AdamW baselines (fused is always run: ratios are to it)")
+    ap.add_argument("--baselines", nargs="+", default=["fused", "foreach", "wrapper"],
+                    choices=["fused", "foreach", "wrapper"],
+                    help="torch.optim.AdamW baselines (fused is always run: ratios are to it); wrapper: "
+                    "hf_win.Win(torch.optim.AdamW(fused=True)) in the adamw_win groups (win, win2)")
     ap.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first step")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
@@ -485,7 +496,8 @@ def main(argv=None):
     md += ["", f"Median of {args.repeats} interleaved rounds after warm-up "
            f"({'CUDA events' if device.type == 'cuda' else 'wall clock'}); ratio = median / median of "
            "`torch.optim.AdamW(fused=True)` in the same group. runs = what the step executed (kernel: the "
-           "generated kernel of the backend named; eager: the foreach operations; torch: torch.optim). "
+           "generated kernel of the backend named; eager: the foreach operations; torch: torch.optim; wrapper: "
+           "torch's fused AdamW step, then Win's acceleration on foreach). "
            "first step s = the first fused step, wall clock: state creation, the kernel's build or its load "
            "from the cache (what it built/loaded is listed), and the step. transient = peak memory allocated "
            "during one step beyond the persistent state, in units of the parameters' size.", "",
