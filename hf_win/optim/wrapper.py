@@ -186,7 +186,8 @@ class Win(torch.optim.Optimizer):
         if isinstance(merged["reckless_steps"], list):
             merged["reckless_steps"] = tuple(merged["reckless_steps"])
         base_decay = merged.get("weight_decay", self.base_optimizer.defaults.get("weight_decay", 0.0))
-        self._check_group(merged, f" (param group {len(self.param_groups)})", base_decay=base_decay)
+        self._check_group({**self.base_optimizer.defaults, **merged}, f" (param group {len(self.param_groups)})",
+                          base_decay=base_decay)
         self.base_optimizer.add_param_group(merged)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
