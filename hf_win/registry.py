@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch.optim.optimizer import required
 
-from .optim import LAMB, SGD, AdafactorWin, Adam, AdamW, Adan, MuonWin, NAdamWin, RAdamWin
+from .optim import LAMB, SGD, AdafactorWin, Adam, AdamW, Adan, MuonWin, NAdamWin, RAdamWin, Win
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "available_optimizers", "get_optimizer_spec", "create_optimizer"]
 
@@ -33,6 +33,12 @@ class OptimizerSpec:
     @property
     def accepted_keys(self) -> Tuple[str, ...]:
         return tuple(self.hyperparameters)
+
+    @property
+    def wraps_base(self) -> bool:
+        """Built as ``hf_win.Win`` around an optimizer written elsewhere (torch.optim's): its execution paths,
+        state layout and checkpoint conversions are that optimizer's, not those of hf_win's own optimizers."""
+        return issubclass(self.cls, Win)
 
 
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
@@ -96,10 +102,16 @@ def markdown_table() -> str:
         )
         hyper = {k: v for k, v in hp.items() if v is not inspect.Parameter.empty}
         buffers = [spec.cls.buffers_per_parameter(m, **hyper) for m in ("none", "win", "win2")]
-        nbytes = {d: [spec.cls.state_bytes_per_parameter(m, torch.float32, **dict(hyper, state_dtype=d))
-                      for m in ("none", "win", "win2")] for d in ("float32", "bfloat16")}
+        if spec.wraps_base:  # the base keeps its state in the parameter's dtype (for matrix parameters)
+            nbytes = {"float32": [spec.cls.state_bytes_per_parameter(m, torch.float32) for m in ("none", "win", "win2")],
+                      "bfloat16": ["-"] * 3}
+            name = f"`{spec.cls.__name__}` (`Win({spec.cls.base_name})`)"
+        else:
+            nbytes = {d: [spec.cls.state_bytes_per_parameter(m, torch.float32, **dict(hyper, state_dtype=d))
+                          for m in ("none", "win", "win2")] for d in ("float32", "bfloat16")}
+            name = f"`{spec.cls.__name__}` (`{spec.cls.__name__}_Win`)"
         rows.append(
-            f"| `{spec.name}` | `{spec.cls.__name__}` (`{spec.cls.__name__}_Win`) | {defaults} | "
+            f"| `{spec.name}` | {name} | {defaults} | "
             f"{' / '.join(map(str, buffers))} | {' / '.join(map(str, nbytes['float32']))} | "
             f"{' / '.join(map(str, nbytes['bfloat16']))} |"
         )

@@ -17,7 +17,7 @@ import hf_win
 from hf_win.optim._win import extra_state_keys
 from hf_win.registry import OPTIMIZERS
 
-CLASSES = [spec.cls for spec in OPTIMIZERS.values()]
+CLASSES = [spec.cls for spec in OPTIMIZERS.values() if not spec.wraps_base]  # Win(base): no state_dtype
 
 
 MODES = ("none", "win", "win2")

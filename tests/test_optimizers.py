@@ -12,7 +12,7 @@ import hf_win
 from hf_win import available_optimizers, create_optimizer
 from _golden import build, cases, set_grads
 
-NAMES = available_optimizers()
+NAMES = [n for n in available_optimizers() if not hf_win.get_optimizer_spec(n).wraps_base]  # Win(base): test_wrapper.py
 MODES = ("none", "win", "win2")
 BASE_KEYS = {
     "adamw_win": {"exp_avg", "exp_avg_sq"},

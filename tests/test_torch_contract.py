@@ -29,7 +29,7 @@ from lion_win import LionWin  # noqa: E402
 #: The execution paths every contract test runs on. The default is the generated CPU kernel where it
 #: applies. Add a path here (e.g. ``"triton": dict(fused=True)``) and every test below runs it too.
 PATHS = {"per_tensor": dict(foreach=False), "foreach": dict(foreach=True, fused=False), "default": {}}
-NAMES = available_optimizers()
+NAMES = [n for n in available_optimizers() if not hf_win.get_optimizer_spec(n).wraps_base]  # Win(base): test_wrapper.py
 MODES = ("none", "win", "win2")
 #: name -> (class, keywords every construction gets): the registry's plus the extension example.
 CLASSES = {n: (hf_win.get_optimizer_spec(n).cls, {"lr": 1e-2}) for n in NAMES}

@@ -137,7 +137,7 @@ def test_optim_args_keys_follow_the_registry():
 def test_every_optim_args_key_reaches_the_optimizer():
     values = {"bool": "false", "bool|none": "false", "float": "0.5", "int": "7", "dtype|none": "bfloat16"}
     expected = {"bool": False, "bool|none": False, "float": 0.5, "int": 7, "dtype|none": "bfloat16"}
-    for name in OPTIMIZERS:
+    for name in (n for n, spec in OPTIMIZERS.items() if not spec.wraps_base):  # Win(base): test_wrapped_optimizers
         keys = optim_args_keys(name)
         s = ",".join(f"{k}={values[kind]}" for k, kind in keys.items())
         args = WinTrainingArguments(output_dir="x", report_to="none", optim=name, optim_args=s)

@@ -156,3 +156,25 @@ def test_trains_under_win_trainer(name):
     if name == "muon_win":  # the Trainer gave the model: embeddings to AdamW, hidden matrices to Muon
         emb = model.transformer.wte.weight
         assert not next(g for g in opt.param_groups if any(p is emb for p in g["params"]))["use_muon"]
+
+
+def test_every_optim_args_key_reaches_the_base():
+    """Each --optim_args key of the wrapped names lands in the base's param groups under torch's name."""
+    from hf_win import get_optimizer_cls_and_kwargs
+    from hf_win.training_args import optim_args_keys
+
+    given = {"beta2_decay": ("-0.5", "beta2_decay", -0.5), "d": ("2.0", "d", 2.0), "eps2": ("0.002", "eps", (None, 0.002)),
+             "foreach": ("false", "foreach", False), "maximize": ("true", "maximize", True),
+             "momentum_decay": ("0.005", "momentum_decay", 0.005), "momentum": ("0.9", "momentum", 0.9),
+             "nesterov": ("false", "nesterov", False), "ns_steps": ("3", "ns_steps", 3),
+             "match_rms_adamw": ("false", "adjust_lr_fn", "original")}
+    for name in NAMES:
+        keys = optim_args_keys(name)
+        assert set(keys) <= set(given), name
+        args = hf_win.WinTrainingArguments(output_dir="x", report_to="none", optim=name,
+                                           optim_args=",".join(f"{k}={given[k][0]}" for k in keys))
+        cls, kw = get_optimizer_cls_and_kwargs(args)
+        opt = cls([torch.nn.Parameter(torch.ones(3, 2))], **kw)
+        for k in keys:
+            _, group_key, value = given[k]
+            assert all(g[group_key] == value for g in opt.param_groups), (name, k)

@@ -34,6 +34,10 @@ class _RegistryWin(Win):
 
     #: parameter-sized buffers the base keeps for a matrix parameter (the registry's table)
     _base_buffers: int = 0
+    #: the base optimizer, as the registry's table names it
+    base_name: str = ""
+    #: how many betas ``betas`` holds (the Trainer's ``--adam_beta1/2``), where the class takes betas
+    _n_betas: int = 2
 
     def __init__(self, params, weight_decay: float, acceleration_mode: str, reckless_steps, **base_kwargs):
         accelerated = acceleration_mode != "none"
@@ -80,6 +84,7 @@ class AdafactorWin(_RegistryWin):
     """
 
     _base_buffers = 0
+    base_name = "torch.optim.Adafactor"
 
     def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8, d: float = 1.0, eps2: float = 1e-3,
                  weight_decay: float = 0.0, reckless_steps=(2.0, 8.0), acceleration_mode: str = "win",
@@ -96,6 +101,7 @@ class NAdamWin(_RegistryWin):
     r"""``torch.optim.NAdam`` with Win / Win2 (``acceleration_mode="none"``: NAdam with decoupled decay)."""
 
     _base_buffers = 2
+    base_name = "torch.optim.NAdam"
 
     def __init__(self, params, lr: float = 2e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  momentum_decay: float = 4e-3, reckless_steps=(2.0, 8.0), acceleration_mode: str = "win",
@@ -113,6 +119,7 @@ class RAdamWin(_RegistryWin):
     r"""``torch.optim.RAdam`` with Win / Win2 (``acceleration_mode="none"``: RAdam with decoupled decay)."""
 
     _base_buffers = 2
+    base_name = "torch.optim.RAdam"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  reckless_steps=(2.0, 8.0), acceleration_mode: str = "win", foreach: Optional[bool] = None,
@@ -136,6 +143,7 @@ class MuonWin(_RegistryWin):
     """
 
     _base_buffers = 1
+    base_name = "MuonAdamW"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, match_rms_adamw: bool = True,
