@@ -27,7 +27,7 @@ same files with the suffix ``_wrapped``.
     python benchmarks/convergence.py                 # full grid (tune + 360 runs), < 1 h on 2 cores
     python benchmarks/convergence.py --quick --out /tmp/conv   # reduced grid, < 2 min
     python benchmarks/convergence.py --stage lowp              # the low-precision arm only (48 runs)
-    python benchmarks/convergence.py --stage wrapped           # the Win(base) arm (12 tuning + 54 runs)
+    python benchmarks/convergence.py --stage wrapped           # the Win(base) arm (13 tuning + 54 runs)
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ LOWP = dict(optimizers=["adamw_win", "sgd_win"], modes=["win2"])
 # relative step (a fraction of the parameter's RMS), so its grid does too.
 LR_GRID_ADAPTIVE = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LR_GRID_SGD = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
-LR_GRID_ADAFACTOR = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+LR_GRID_ADAFACTOR = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 # The wrapped arm (--stage wrapped): registry optimizers built as Win(base) around torch.optim's Muon and
 # Adafactor, on the language-model task, at the tuned vanilla lr and two larger ones.
 WRAPPED = dict(optimizers=["muon_win", "adafactor_win"], tasks=["gpt2_stdlib"], lr_multipliers=[1, 4, 8])

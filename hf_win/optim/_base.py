@@ -459,10 +459,12 @@ class WinOptimizer(torch.optim.Optimizer):
             return like.detach().to(dtype=dtype, copy=True, memory_format=torch.preserve_format)
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _state_for(self, p: Tensor, grad: Tensor, group: dict, mode: str) -> dict:
+    def _state_for(self, p: Tensor, grad: Tensor, group: dict, mode: str, clip: Optional[Tensor] = None) -> dict:
         state = self.state[p]
         if any(k not in state for k in self._state_keys(group)):
-            # what the step calls the gradient: negated with maximize (Adan starts its pre_grad from it)
+            # what the step calls the gradient: clipped, negated with maximize (Adan starts its pre_grad from it)
+            if clip is not None:
+                grad = grad * clip.to(grad.device)
             self._init_state(p, grad.neg() if group.get("maximize", False) else grad, state, group)
         for key in extra_state_keys(mode):
             if key not in state:
@@ -487,7 +489,7 @@ class WinOptimizer(torch.optim.Optimizer):
             return
         mode = group["acceleration_mode"]
         grads = [p.grad for p in params]
-        states = [self._state_for(p, g, group, mode) for p, g in zip(params, grads)]
+        states = [self._state_for(p, g, group, mode, clip) for p, g in zip(params, grads)]
         if not group_step:
             for state in states:
                 state["step"] = int(state.get("step", 0)) + 1
