@@ -12,7 +12,7 @@ A base optimizer (``adamw.py``, ``adam.py``, ...) is a subclass that declares
 - ``_clip_style``: ``"standard"`` or ``"lamb"`` (see ``_clipping.py``);
 - ``_direction(ops, group, params, grads, states, steps)``: the direction ``u`` for a list of parameters,
   written with the ``_ops`` vocabulary; step-dependent scalars with operators or ``_ops.scalar_sqrt``.
-  The kernels trace it (``kernels/ir.py``); what it may read there is in ``docs/extending.md``.
+  The kernels trace it (``kernels/tracing.py``); what it may read there is in ``docs/extending.md``.
 
 Here: the step's orchestration (state creation, step counts, the arrays each parameter is stepped
 through) and its math (``step_tensors``: gradient preparation, the direction, the Win/Win2 step). Elsewhere,
@@ -252,7 +252,7 @@ class WinOptimizer(torch.optim.Optimizer):
         """One step of ``params`` (lists of tensors, ``states`` one dict per parameter) with ``ops`` (the
         ``_ops`` vocabulary): the gradient as the step uses it (``_prepare_grads``), then the base direction
         and the acceleration (``_apply``). The eager paths run exactly this, and the kernels trace it
-        (``kernels/ir.py``)."""
+        (``kernels/tracing.py``)."""
         grads = self._prepare_grads(ops, group, params, grads, clip)
         self._apply(ops, group, params, grads, states, steps)
 
