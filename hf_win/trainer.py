@@ -19,7 +19,7 @@ from ._compat import CheckpointNamesMixin, OptimizerResumeLogMixin, model_card_h
 from .optim import Win, WinOptimizer, check_partitioned
 from .registry import get_optimizer_spec
 from .optim import MuonWin
-from .optim._base import state_element_size
+from .optim._precision import state_element_size
 from .optim._win import extra_state_keys
 from .training_args import is_win_optimizer, win_optimizer_kwargs
 
