@@ -152,7 +152,7 @@ def test_trains_under_win_trainer(name):
     assert not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
     assert "y" in opt.state[model.transformer.h[0].attn.c_attn.weight]
     summary = trainer.win_optimizer_summary
-    assert summary["class"] == type(opt).__name__ and summary["step_path_taken"].endswith("then win2 on foreach")
+    assert summary["class"] == type(opt).__name__ and summary["step_path_taken"].endswith("then win2 on c kernel")
     if name == "muon_win":  # the Trainer gave the model: embeddings to AdamW, hidden matrices to Muon
         emb = model.transformer.wte.weight
         assert not next(g for g in opt.param_groups if any(p is emb for p in g["params"]))["use_muon"]

@@ -45,10 +45,26 @@ def _max_diff(a, b):
     return max(float((x.detach() - y.detach()).abs().max()) for x, y in zip(a, b))
 
 
+@pytest.fixture
+def kernel_cache(monkeypatch, tmp_path):
+    """Kernels built into this test's own cache folder, none left in the process afterwards."""
+    from hf_win.optim import kernels
+
+    monkeypatch.setenv("HF_WIN_CACHE_DIR", str(tmp_path / "kernels"))
+    kernels.reset()
+    yield kernels
+    kernels.reset()
+
+
+#: The wrapper's paths: its pass as the C kernel (the default on CPU), Triton's (its interpreter on CPU,
+#: TRITON_INTERPRET=1 from conftest.py), foreach.
+WRAPPER_PATHS = {"c": ("c", None), "triton": ("triton", True), "foreach": ("auto", False)}
+
+
 @pytest.mark.parametrize("mode", ["win", "win2"])
 @pytest.mark.parametrize("torch_flags", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
 @pytest.mark.parametrize("ours_flags", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
-def test_win_around_torch_adamw_equals_hf_win_adamw_float64(mode, torch_flags, ours_flags):
+def test_win_around_torch_adamw_equals_hf_win_adamw_float64(mode, torch_flags, ours_flags, kernel_cache):
     a, b = _params(), _params()
     ref = hf_win.AdamW(_groups(a, base=False), lr=1e-2, acceleration_mode=mode, **ours_flags)
     base = torch.optim.AdamW(_groups(b, base=True), lr=1e-2, weight_decay=0.0, **torch_flags)
@@ -56,19 +72,29 @@ def test_win_around_torch_adamw_equals_hf_win_adamw_float64(mode, torch_flags, o
     wrapped = Win(base, acceleration_mode=mode, weight_decay=0.5)
     _run([(ref, a), (wrapped, b)])
     assert _max_diff(a, b) < 1e-12
+    assert wrapped.step_path() == f"AdamW step, then {mode} on c kernel"
     for pa, pb in zip(a, b):
         for k in ("x", "y") if mode == "win2" else ("x",):
             assert float((ref.state[pa][k] - wrapped.state[pb][k]).abs().max()) < 1e-12
 
 
 @pytest.mark.parametrize("mode", ["win", "win2"])
-def test_win_around_torch_sgd_nesterov_equals_hf_win_sgd_float64(mode):
+@pytest.mark.parametrize("path", sorted(WRAPPER_PATHS))
+def test_win_around_torch_sgd_nesterov_equals_hf_win_sgd_float64(mode, path, kernel_cache, monkeypatch):
+    backend, fused = WRAPPER_PATHS[path]
+    if path == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("HF_WIN_FUSED_BACKEND", backend)
     a, b = _params(), _params()
-    ref = hf_win.SGD(_groups(a, base=False), lr=0.05, momentum=0.9, nesterov=True, acceleration_mode=mode)
+    ref = hf_win.SGD(_groups(a, base=False), lr=0.05, momentum=0.9, nesterov=True, acceleration_mode=mode,
+                     foreach=True)
     base = torch.optim.SGD(_groups(b, base=True), lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0)
-    wrapped = Win(base, acceleration_mode=mode)
+    wrapped = Win(base, acceleration_mode=mode, fused=fused)
     _run([(ref, a), (wrapped, b)])
     assert _max_diff(a, b) < 1e-12
+    assert wrapped.step_path() == f"SGD step, then {mode} on {'foreach' if path == 'foreach' else path + ' kernel'}"
+    # one kernel per structure: the decay (lam != 0 or 0) is its one guard, the schedule builds nothing more
+    assert kernel_cache.counters()["kernels"] == (0 if path == "foreach" else 2)
 
 
 def test_maximize_and_complex_parameters_are_the_base_s_business():

@@ -48,9 +48,9 @@ def test_memory_floor_state_rows_of_the_wrapper(tmp_path):
         r = by[("Win(torch.optim.AdamW)", mode, "fused")]
         # torch's state plus x (and y), 4 bytes each per float32 parameter
         assert r["state_bytes_per_param"] == pytest.approx(torch_fused["state_bytes_per_param"] + 4 * extra, abs=0.01)
-        # one transient parameter-sized copy (the parameters before the base's step), and little else
+        # one transient parameter-sized copy (the parameters before the base's step); the pass is a kernel
         assert 4.0 <= r["transient_peak_per_param"] - torch_fused["transient_peak_per_param"] <= 4.2
-        assert r["path_taken"] == f"AdamW step, then {mode} on foreach"
+        assert r["path_taken"] == f"AdamW step, then {mode} on c kernel"
     for mode, extra in (("none", 0), ("win", 1), ("win2", 2)):
         r = by[("nadam_win", mode, "default")]
         assert r["state_bytes_per_param"] == pytest.approx(8 + 4 * extra, abs=0.01)

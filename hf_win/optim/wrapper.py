@@ -2,8 +2,9 @@
 
 Each step the base optimizer makes its own step at the current parameters (its state, schedules,
 orthogonalisation or factorisation, all its own). The wrapper recovers that step as
-``lr*u = p_before - p_after`` and applies the shared acceleration of ``_win.py`` to it, keeping ``x``
-(and ``y``) per parameter in the base's state (``ALGORITHM.md``, "Win around another optimizer").
+``lr*u = p_before - p_after`` and applies the shared acceleration of ``_win.py`` to it (``win_pass``: one
+kernel, or foreach), keeping ``x`` (and ``y``) per parameter in the base's state (``ALGORITHM.md``, "Win
+around another optimizer").
 
 The wrapper owns nothing the base has: ``param_groups``, ``state`` and ``defaults`` are the base's (plus
 three group keys, :data:`WIN_KEYS`), so a scheduler built on the wrapper drives the base, and the base's
@@ -24,9 +25,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _state_dict
+from . import _dispatch, _state_dict
 from ._ops import FOREACH
-from ._win import MODES, accelerate, extra_state_keys
+from ._win import MODES, extra_state_keys
+from .win_pass import WIN_PASS, pass_group
 
 __all__ = ["Win", "WIN_KEYS"]
 
@@ -62,6 +64,9 @@ class Win(torch.optim.Optimizer):
             both. Per group it is the key ``win_weight_decay``.
         keep_base_weight_decay: leave the base's own weight decay in its step (``lam = 0``, as for Adam
             and LAMB); ``weight_decay`` must then be 0.
+        fused: the acceleration as one generated kernel per param group (``win_pass``; C on CPU, Triton on
+            CUDA). None (default): that kernel where one applies, else foreach; True: the kernel, with a
+            logged reason when it falls back; False: foreach.
 
     Each param group of the base gets the keys of :data:`WIN_KEYS` (settable per group like any
     hyper-parameter). ``lr`` is read from the base's group at every step (needed only when
@@ -74,10 +79,12 @@ class Win(torch.optim.Optimizer):
 
     Memory: ``x`` (and ``y``) per parameter in the parameter's dtype, plus one parameter-sized copy
     during a step (the parameters before the base's step; float32 work copies for low-precision ones).
+    Time: the base's step, that copy, and one pass over ``param``, the copy, ``x`` (and ``y``).
     """
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, acceleration_mode: str = "win",
-                 reckless_steps=(2.0, 8.0), weight_decay: float = 0.0, *, keep_base_weight_decay: bool = False):
+                 reckless_steps=(2.0, 8.0), weight_decay: float = 0.0, *, keep_base_weight_decay: bool = False,
+                 fused: Optional[bool] = None):
         from ._base import WinOptimizer  # hf_win's own optimizers import this package; no cycle at call time
 
         if not isinstance(base_optimizer, torch.optim.Optimizer):
@@ -89,6 +96,8 @@ class Win(torch.optim.Optimizer):
         if isinstance(base_optimizer, torch.optim.LBFGS):
             raise ValueError("Win: torch.optim.LBFGS re-evaluates the closure inside its step (a line search); "
                              "its step is not a direction Win can accelerate")
+        if fused not in (None, True, False):
+            raise ValueError(f"Win: fused must be None, True or False, got {fused!r}")
         if not isinstance(keep_base_weight_decay, bool):
             raise ValueError(f"Win: keep_base_weight_decay must be True or False, got {keep_base_weight_decay!r}")
         if isinstance(reckless_steps, list):
@@ -98,6 +107,8 @@ class Win(torch.optim.Optimizer):
         self._win_defaults = win_defaults
         self.base_optimizer = base_optimizer
         self.keep_base_weight_decay = keep_base_weight_decay
+        self.fused = fused
+        self._paths = {}  # param group index -> the paths its last acceleration took (step_path)
         self._check_group({**win_defaults, "lr": None}, "", base_decay=0.0)
         groups = base_optimizer.param_groups
         merged = [{**win_defaults, **{k: g[k] for k in WIN_KEYS if k in g}} for g in groups]
@@ -137,7 +148,8 @@ class Win(torch.optim.Optimizer):
 
     def __getstate__(self):
         return {"base_optimizer": self.base_optimizer, "_win_defaults": self._win_defaults,
-                "keep_base_weight_decay": self.keep_base_weight_decay, "last_load_report": self.last_load_report}
+                "keep_base_weight_decay": self.keep_base_weight_decay, "fused": self.fused, "_paths": {},
+                "last_load_report": self.last_load_report}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -250,11 +262,20 @@ class Win(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def step_path(self) -> str:
-        """What a step runs: the base's own step, then the acceleration (eager foreach)."""
+        """What a step runs: the base's own step, then the acceleration on the paths its last step took
+        (before the first step: the paths it will take), with every fallback and its reason."""
         modes = sorted({g["acceleration_mode"] for g in self.param_groups})
         accel = [m for m in modes if m != "none"]
-        tail = f", then {'/'.join(accel)} on foreach" if accel else " (acceleration_mode='none')"
-        return f"{type(self.base_optimizer).__name__} step{tail}"
+        if not accel:
+            return f"{type(self.base_optimizer).__name__} step (acceleration_mode='none')"
+        paths = []
+        for i, group in enumerate(self.param_groups):
+            if group["acceleration_mode"] == "none":
+                continue
+            taken = self._paths.get(i) or _dispatch.predict(WIN_PASS, dict(pass_group(group, self.fused),
+                                                                           params=group["params"]))
+            paths.extend(p for p in taken if p not in paths)
+        return f"{type(self.base_optimizer).__name__} step, then {'/'.join(accel)} on {' / '.join(paths)}"
 
     def step(self, closure: Optional[Callable[[], float]] = None):
         loss = None
@@ -268,60 +289,44 @@ class Win(torch.optim.Optimizer):
                 if group["acceleration_mode"] != "none":
                     params = [p for p in group["params"] if p.grad is not None]
                     fresh = [not any(k in self.state.get(p, ()) for k in ("x", "y")) for p in params]
-                    plans.append((group, params, fresh, [p.detach().clone() for p in params]))
+                    plans.append((i, group, params, fresh, [p.detach().clone() for p in params]))
             self.base_optimizer.step()
-            for group, params, fresh, before in plans:
-                self._accelerate(group, params, fresh, before)
+            for index, group, params, fresh, before in plans:
+                self._accelerate(index, group, params, fresh, before)
         return loss
 
-    def _accelerate(self, group, params, fresh, before) -> None:
-        """``before`` (the parameters before the base's step) becomes the recovered step ``lr*u``; the
-        parameters are put back where they were and moved by ``_win.accelerate``."""
+    def _accelerate(self, index, group, params, fresh, before) -> None:
+        """Create or drop ``x``/``y`` as the group's mode says (new ones start as copies of the parameter
+        before the step), then run the pass (``win_pass``) on a kernel or foreach, as ``_dispatch`` plans it;
+        low-precision parameters step in float32 here, rounded back to nearest."""
         mode = group["acceleration_mode"]
-        for p, new in zip(params, fresh):
-            taken = [k for k in ("x", "y") if new and k in self.state[p]]
+        keys = extra_state_keys(mode)
+        for p, new, b in zip(params, fresh, before):
+            state = self.state[p]
+            taken = [k for k in ("x", "y") if new and k in state]
             if taken:
                 raise RuntimeError(f"Win: the base optimizer {_base_name(self.base_optimizer)} created state "
                                    f"{taken} of its own; Win's sequences use those names")
-        low = [i for i, p in enumerate(params) if p.dtype in _LOW_PRECISION]
+            for k in keys:
+                if k not in state:
+                    state[k] = b.clone(memory_format=torch.preserve_format)
+            for k in {"x", "y"} - set(keys):
+                state.pop(k, None)
+        view = pass_group(group, self.fused)
+        arrays = [[_real(t) for t in (p, b, *(self.state[p][k] for k in keys))] for p, b in zip(params, before)]
         full = [i for i, p in enumerate(params) if p.dtype not in _LOW_PRECISION]
         if full:
-            ps = [_real(params[i]) for i in full]
-            steps = [_real(before[i]) for i in full]
-            FOREACH.add_(steps, ps, alpha=-1.0)  # lr*u = p_before - p_after
-            FOREACH.add_(ps, steps)  # back to p_before
-            self._win_step(group, mode, [params[i] for i in full], ps, steps)
-        for i in low:  # in float32, rounded back to the parameter's dtype
-            p = params[i]
-            work = _real(p).float()
-            step = _real(before[i]).float().sub_(work)
-            work.add_(step)
-            self._win_step(group, mode, [p], [work], [step], upcast=True)
-            _real(p).copy_(work)
-
-    def _win_step(self, group, mode, params, ps, steps, upcast: bool = False) -> None:
-        states = [self.state[p] for p in params]
-        for p, s, w in zip(params, states, ps):  # x, y start as copies of the parameter at its first step
-            for k in extra_state_keys(mode):
-                if k not in s:
-                    s[k] = p.detach().clone(memory_format=torch.preserve_format)
-            for k in {"x", "y"} - set(extra_state_keys(mode)):
-                s.pop(k, None)
-        xs = [_real(s["x"]) for s in states]
-        ys = [_real(s["y"]) for s in states] if mode == "win2" else None
-        if upcast:
-            xs = [x.float() for x in xs]
-            ys = [y.float() for y in ys] if ys is not None else None
-        wd = group["win_weight_decay"]
-        lr = float(group["lr"]) if wd else 0.0
-        r1, r2 = group["reckless_steps"]
-        # The recovered step is lr*u: accelerate() sees it as the update of a unit learning rate, and the
-        # decay per step is then lr*lam (every coefficient of ALGORITHM.md depends on lr only through lr*lam).
-        accelerate(FOREACH, ps, steps, xs, ys, mode=mode, lr=1.0, lam=lr * wd, r1=r1, r2=r2)
-        if upcast:
-            _real(states[0]["x"]).copy_(xs[0])
-            if ys is not None:
-                _real(states[0]["y"]).copy_(ys[0])
+            plan = _dispatch.decide(WIN_PASS, view, [arrays[i] for i in full], [0] * len(full), None)
+            _dispatch.run(WIN_PASS, view, plan, [arrays[i] for i in full], [0] * len(full), [0] * len(full), None)
+            self._paths[index] = plan.paths
+        for i in (i for i, p in enumerate(params) if p.dtype in _LOW_PRECISION):
+            work = [t.float() for t in arrays[i]]
+            WIN_PASS.step_tensors(FOREACH, view, work[:1], work[1:2], [dict(zip(keys, work[2:]))], [0], None)
+            for dst, src in zip(arrays[i], work):
+                if dst is not arrays[i][1]:
+                    dst.copy_(src)
+            if not full:
+                self._paths[index] = ["foreach (float32 work copies of low-precision parameters)"]
 
     def state_bytes(self) -> int:
         """Bytes held in state tensors (the base's and ``x``/``y``), for every parameter stepped so far."""
