@@ -174,14 +174,7 @@ def main_lowp(a, out: Path, tasks: List[Task], command: str) -> int:
             cpu = sum(r.get("train_cpu_s", 0) for r in runner.done.values()) / 60
         else:
             cpu = None
-        meta = dict(
-            date=_now(), command=command, machine=_machine(), threads=a.threads,
-            wall_min=(time.perf_counter() - t0) / 60, steps=a.steps,
-            trainer=TRAINER,
-            cpu_min=cpu,
-        )
-        meta_file.write_text(json.dumps(meta, indent=1) + "\n")
-        (out / "command_low_precision.txt").write_text(command + "\n")
+        meta = _write_meta(a, out, "_low_precision", command, t0, cpu)
     report_lowp(out, tasks, opts, modes, seeds, meta)
     print(f"low-precision arm done in {(time.perf_counter() - t0) / 60:.1f} min -> {out}")
     return 0
@@ -206,14 +199,20 @@ def main_wrapped(a, out: Path, command: str) -> int:
         (out / "tuned_lr_wrapped.json").write_text(json.dumps(base_lr, indent=1) + "\n")
         grid(runner, tasks, opts, modes, mults, seeds, base_lr)
         runner._tmp.cleanup()
-        meta = dict(date=_now(), command=command, machine=_machine(), threads=a.threads,
-                    wall_min=(time.perf_counter() - t0) / 60, steps=a.steps, trainer=TRAINER,
-                    cpu_min=sum(r.get("train_cpu_s", 0) for r in runner.done.values()) / 60)
-        meta_file.write_text(json.dumps(meta, indent=1) + "\n")
-        (out / "command_wrapped.txt").write_text(command + "\n")
+        meta = _write_meta(a, out, "_wrapped", command, t0,
+                           sum(r.get("train_cpu_s", 0) for r in runner.done.values()) / 60)
     report(out, tasks, opts, modes, mults, seeds, meta, suffix="_wrapped")
     print(f"wrapped arm done in {(time.perf_counter() - t0) / 60:.1f} min -> {out}")
     return 0
+
+
+def _write_meta(a, out: Path, suffix: str, command: str, t0: float, cpu_min) -> dict:
+    """``meta<suffix>.json`` and ``command<suffix>.txt`` of an arm: when, how and on what it ran."""
+    meta = dict(date=_now(), command=command, machine=_machine(), threads=a.threads,
+                wall_min=(time.perf_counter() - t0) / 60, steps=a.steps, trainer=TRAINER, cpu_min=cpu_min)
+    (out / f"meta{suffix}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (out / f"command{suffix}.txt").write_text(command + "\n")
+    return meta
 
 
 def _now() -> str:

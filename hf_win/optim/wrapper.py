@@ -19,7 +19,6 @@ states the bound and what it costs.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Optional
 
 import torch
@@ -27,7 +26,8 @@ from torch import Tensor
 
 from . import _dispatch, _state_dict
 from ._ops import FOREACH
-from ._win import MODES, extra_state_keys
+from ._validation import check_acceleration, is_number
+from ._win import extra_state_keys
 from .win_pass import WIN_PASS, pass_group
 
 __all__ = ["Win", "WIN_KEYS"]
@@ -36,10 +36,6 @@ __all__ = ["Win", "WIN_KEYS"]
 WIN_KEYS = ("acceleration_mode", "reckless_steps", "win_weight_decay")
 #: Parameter dtypes whose acceleration is computed in float32 and rounded back (to nearest).
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _base_name(base) -> str:
@@ -160,16 +156,10 @@ class Win(torch.optim.Optimizer):
     # ------------------------------------------------------------------ validation
     def _check_group(self, group: dict, where: str, base_decay=None) -> None:
         """``ValueError`` naming the key and the allowed values, before anything is changed."""
-        mode = group.get("acceleration_mode")
-        if mode not in MODES:
-            raise ValueError(f"Win: acceleration_mode{where} must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-        rs = group.get("reckless_steps")
-        if (not isinstance(rs, (tuple, list)) or len(rs) != 2
-                or not all(_is_number(r) and r > 0 and math.isfinite(r) for r in rs)):
-            raise ValueError(f"Win: reckless_steps{where} must be two positive numbers (r1, r2), e.g. (2.0, 8.0); "
-                             f"got {rs!r}")
+        check_acceleration("Win", group, where)
+        mode = group["acceleration_mode"]
         wd = group.get("win_weight_decay")
-        if not _is_number(wd) or wd < 0 or not math.isfinite(wd):
+        if not is_number(wd) or wd < 0 or not math.isfinite(wd):
             raise ValueError(f"Win: weight_decay (win_weight_decay){where} must be a number >= 0, got {wd!r}")
         if wd and mode == "none":
             raise ValueError(
@@ -179,7 +169,7 @@ class Win(torch.optim.Optimizer):
             raise ValueError(f"Win: weight_decay (win_weight_decay){where} = {wd!r} with keep_base_weight_decay=True: "
                              "the decay is either the base's or Win's, not both")
         base_decay = group.get("weight_decay", 0.0) if base_decay is None else base_decay
-        if mode != "none" and not self.keep_base_weight_decay and _is_number(base_decay) and base_decay != 0:
+        if mode != "none" and not self.keep_base_weight_decay and is_number(base_decay) and base_decay != 0:
             raise ValueError(
                 f"Win: the base optimizer {_base_name(self.base_optimizer)} has weight_decay={base_decay!r}{where}, "
                 f"and Win integrates weight decay itself (Win's weight_decay={wd!r}): build the base with "
