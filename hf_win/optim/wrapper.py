@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _state_dict
+from ._base import WinOptimizer
 from ._ops import FOREACH
 from ._validation import check_acceleration, is_number
 from ._win import extra_state_keys
@@ -81,8 +82,6 @@ class Win(torch.optim.Optimizer):
     def __init__(self, base_optimizer: torch.optim.Optimizer, acceleration_mode: str = "win",
                  reckless_steps=(2.0, 8.0), weight_decay: float = 0.0, *, keep_base_weight_decay: bool = False,
                  fused: Optional[bool] = None):
-        from ._base import WinOptimizer  # hf_win's own optimizers import this package; no cycle at call time
-
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"Win: base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, (WinOptimizer, Win)):
