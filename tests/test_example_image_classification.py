@@ -206,7 +206,7 @@ def test_tiny_resnet_on_the_offline_default(ric, tmp_path):
 
 def test_pure_bfloat16_training_with_bf16_state_and_stochastic_rounding(ric, tmp_path):
     """--torch_dtype bfloat16 keeps the parameters in bfloat16; the optimizer keeps bfloat16 state and writes
-    the parameters back with stochastic rounding (issue 14, through the example)."""
+    the parameters back with stochastic rounding, through the example."""
     out = tmp_path / "out"
     results = ric.run(["--config_overrides", TINY, "--max_steps", "3", "--per_device_train_batch_size", "16",
                        "--output_dir", str(out), "--disable_tqdm", "true", "--torch_dtype", "bfloat16",
@@ -236,7 +236,8 @@ def test_tiny_resnet_on_an_image_folder(ric, image_folder, tmp_path):
 
 
 def test_distributed_configs_parse():
-    """accelerate launch files and DeepSpeed JSON parse and say what their names say (run by issue 5's tests)."""
+    """accelerate launch files and DeepSpeed JSON parse and say what their names say (the DeepSpeed files also
+    train in tests/test_distributed_deepspeed.py)."""
     accel = {os.path.basename(p): yaml.safe_load(open(p)) for p in glob.glob(str(CONFIGS / "accelerate" / "*.yaml"))}
     assert set(accel) == {"ddp.yaml", "multi_node.yaml", "fsdp2.yaml", "deepspeed_zero1.yaml",
                           "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}

@@ -1,4 +1,4 @@
-"""Low-precision state and parameters (issue 14): ``state_dtype``, ``bf16_stochastic_round``, ``rounding_seed``.
+"""Low-precision state and parameters: ``state_dtype``, ``bf16_stochastic_round``, ``rounding_seed``.
 
 What is checked: the keywords reach every optimizer and are validated before any state exists; buffers live
 in the state dtype; a bfloat16 parameter under a step far below half an ulp moves as the float32 one does

@@ -13,7 +13,7 @@ A base optimizer (``adamw.py``, ``adam.py``, ...) is a subclass that declares
 - ``_direction(ops, group, params, grads, states, steps)``: the direction ``u`` for a list of parameters.
   It must read only ``group`` and class attributes (the fused path calls it without the instance), and
   compute step-dependent scalars with operators or ``_ops.scalar_sqrt`` (on the fused path ``steps``
-  and ``lr`` are 0-dim tensors).
+  and the group's numbers are symbolic scalars).
 
 Everything else (validation, clipping, state creation, the two execution paths, the Win/Win2 step) is
 here, once.

@@ -153,8 +153,7 @@ class Program:
     clip)`` (LAMB's trust ratio of two norms), ``("mul", t, k)``.
     """
 
-    def __init__(self, arrays: Sequence[str]):
-        self.arrays = list(arrays)
+    def __init__(self):
         self.scalars: List[tuple] = []          # scalar nodes: ("in", slot) | ("const", x) | (op, i[, j])
         self.inputs: List[str] = []             # names of the input slots, in order
         self.guards: List[tuple] = []           # (op, i, j, expected)
@@ -267,8 +266,6 @@ def compile_host(prog: Program):
 # ------------------------------------------------------------------------------------------- the ops
 class SymOps:
     """The ``_ops`` vocabulary (see ``hf_win/optim/_ops.py``) over symbolic elements."""
-
-    name = "traced"
 
     def __init__(self, prog: Program):
         self.p = prog
@@ -448,7 +445,7 @@ class Traced:
 def trace(step_fn, group: dict, arrays: Sequence[str], step: float, clip: Optional[float]) -> Traced:
     """Trace ``step_fn(ops, group, params, grads, states, steps, clip)`` (``WinOptimizer._step_fn``) for
     one element of each of ``arrays`` (``["param", "grad", *state keys]``)."""
-    prog = Program(arrays)
+    prog = Program()
     g = _Group(group, prog)
     # inputs not from the group come first, in a fixed order
     step_s = prog.input("step", step)
