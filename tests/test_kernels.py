@@ -429,26 +429,3 @@ def test_triton_block_table_addresses_tensors_past_2_31_elements():
     assert bs.dtype == torch.int64 and n_blocks == (n + BLOCK - 1) // BLOCK + 1
     assert int(bs[n_blocks - 2]) + BLOCK >= n > int(bs[n_blocks - 2]) >= 2**31
     assert int(bt[n_blocks - 1]) == 1 and int(bs[n_blocks - 1]) == 0 and first.tolist() == [0, n_blocks - 1, n_blocks]
-
-
-def test_step_time_benchmark_writes_its_tables(tmp_path):
-    """benchmarks/step_time.py (never timed here): --quick writes its table with the path that ran, and the
-    schedule case records that OneCycleLR built no more kernels than a constant schedule."""
-    import csv
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "step_time.py"
-    spec = importlib.util.spec_from_file_location("step_time_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--quick", "--out", str(tmp_path), "--no_memory"])
-    rows = list(csv.DictReader(open(tmp_path / "step_time_tiny_cpu.csv")))
-    ours = [r for r in rows if r["optimizer"] == "adamw_win"]
-    assert ours and all(r["runs"] in ("kernel", "eager") for r in ours)
-    assert any(r["runs"] == "kernel" and r["backend"] == "c" for r in ours)
-    bench.main(["--params", "tiny", "--optimizers", "adamw_win", "--modes", "win", "--schedule", "--schedule_steps",
-                "5", "--out", str(tmp_path)])
-    sched = list(csv.DictReader(open(tmp_path / "step_time_tiny_cpu_schedule.csv")))
-    assert {r["schedule"] for r in sched} == {"constant", "OneCycleLR"}
-    assert all(r["kernels_built"] == "1;1" for r in sched)
