@@ -1,9 +1,10 @@
 """The contract of a ``torch.optim`` optimizer, as torch's ``OptimizerInfo`` tests (test/test_optim.py)
 and timm's ``tests/test_optim.py`` check it, written here for the Win optimizers (and for Lion-Win, the
 extension example): constructor keywords, lr in param groups only, per-group options, ``maximize``,
-complex parameters, state dicts (round trip, conversions, refusals), ``add_param_group`` after steps,
-parameters without / with zero gradients, non-contiguous parameters, schedulers changing any
-hyper-parameter, closures, hooks, ``torch.compile(opt.step)``, Rosenbrock, a small model, every path.
+complex parameters, state dicts (round trip and resume, deepcopy, pickle, conversions, refusals),
+``add_param_group`` after steps, parameters without / with zero gradients, non-contiguous parameters,
+torch's and transformers' schedulers changing any hyper-parameter, closures, hooks,
+``torch.compile(opt.step)``, Rosenbrock, a small model, every path agreeing with every other.
 """
 
 from __future__ import annotations
