@@ -2,7 +2,7 @@
 
 What is checked: the keywords reach every optimizer and are validated before any state exists; buffers live
 in the state dtype; a bfloat16 parameter under a step far below half an ulp moves as the float32 one does
-with stochastic rounding, and not at all without it (the bug this fixes); bfloat16-state trajectories stay
+with stochastic rounding, and not at all without it; bfloat16-state trajectories stay
 close to float32-state ones; every path rounds the same way; the state dict round trip and a resumed run
 are bitwise; the memory accounting follows the state dtype; ``--optim_args`` reaches the optimizer.
 """

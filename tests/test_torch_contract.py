@@ -410,7 +410,7 @@ def test_torch_state_dict_into_win_starts_the_sequences_from_the_parameters(name
         for k in ("x", "y") if mode == "win2" else ("x",):
             assert torch.equal(st[k], p.detach()) and st[k].data_ptr() != p.data_ptr()
         assert isinstance(st["step"], int)
-    train(opt, ours, 2, start=3)  # was: KeyError 'acceleration_mode' at this step
+    train(opt, ours, 2, start=3)  # steps with the converted groups (a torch state dict has no Win keys)
     assert all(torch.isfinite(p).all() for p in ours)
 
 

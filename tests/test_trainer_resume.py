@@ -1,5 +1,6 @@
 """Resuming a WinTrainer run from a checkpoint is exact (tiny ViT, CPU, fixed seeds), the checkpoints hold
-the Win state, and the ViT legacy-name checkpoint problem of transformers 5.x is fixed."""
+the Win state, and ViT checkpoints that transformers 5.x writes under the original parameter names load
+into the model (hf_win/_compat.py)."""
 
 from __future__ import annotations
 
