@@ -6,22 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from hf_win.optim import kernels
-from hf_win.optim.kernels import cache
-
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.fixture(autouse=True)
-def fresh_kernels(monkeypatch, tmp_path_factory):
-    """Each test builds into its own cache folder and starts with no kernel in the process (the schedule
-    case counts the kernels it builds)."""
-    monkeypatch.setenv("HF_WIN_CACHE_DIR", str(tmp_path_factory.mktemp("kernels")))
-    kernels.reset()
-    cache._reset_for_tests()
-    yield
-    kernels.reset()
-    cache._reset_for_tests()
+# the schedule case counts the kernels it builds: its own cache folder, no kernel loaded before it
+pytestmark = pytest.mark.usefixtures("fresh_kernel_cache")
 
 
 def _load_benchmark(name):

@@ -22,16 +22,7 @@ NAMES = hf_win.available_optimizers()
 SHAPES = [(6, 5), (7,), (1,), (3, 2, 2), (9,)]
 BACKENDS = ("c", "triton")
 
-
-@pytest.fixture(autouse=True)
-def fresh_kernels(monkeypatch, tmp_path_factory):
-    """Each test builds into its own cache folder and starts with no kernel in the process."""
-    monkeypatch.setenv("HF_WIN_CACHE_DIR", str(tmp_path_factory.mktemp("kernels")))
-    kernels.reset()
-    cache._reset_for_tests()
-    yield
-    kernels.reset()
-    cache._reset_for_tests()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_cache")  # each test: its own cache folder, no kernel loaded
 
 
 def use(monkeypatch, backend):
