@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 from transformers import HfArgumentParser
 from transformers.training_args import OptimizerNames
@@ -187,3 +188,52 @@ def test_importing_hf_win_does_not_import_the_trainer_stack_nor_timm():
     code = ("import sys, hf_win; assert 'transformers.trainer' not in sys.modules, 'eager Trainer import'; "
             "hf_win.WinTrainer, hf_win.WinTrainingArguments; assert 'timm' not in sys.modules, 'timm imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+# --------------------------------------------------------------- low-precision keys through --optim_args
+def test_optim_args_reach_the_optimizer():
+    args = hf_win.WinTrainingArguments(
+        output_dir="unused", report_to="none", optim="adamw_win", acceleration_mode="win2",
+        optim_args="state_dtype=bfloat16,bf16_stochastic_round=True,rounding_seed=5",
+    )
+    cls, kwargs = hf_win.get_optimizer_cls_and_kwargs(args)
+    assert kwargs["state_dtype"] == "bfloat16" and kwargs["bf16_stochastic_round"] is True
+    assert kwargs["rounding_seed"] == 5
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = cls([p], **kwargs)
+    p.grad = torch.ones(8, dtype=torch.bfloat16)
+    opt.step()
+    assert opt.param_groups[0]["bf16_stochastic_round"] is True
+    assert {v.dtype for v in opt.state[p].values() if torch.is_tensor(v)} == {torch.bfloat16}
+    from hf_win.trainer import optimizer_state_bytes
+
+    assert optimizer_state_bytes(cls, kwargs, [torch.zeros(10)]) == 4 * 10 * 2  # 4 bf16 buffers
+
+
+@pytest.mark.parametrize("optim_args, match", [
+    ("state_dtype=float16", "state_dtype takes float32, bfloat16 or none"),
+    ("bf16_stochastic_round=maybe", "bf16_stochastic_round takes true/false"),
+    ("rounding_seed=1.5", r"rounding_seed takes an integer in \[0, 2\*\*31\)"),
+    ("rounding_seed=-3", "rounding_seed takes an integer"),
+])
+def test_bad_optim_args_are_refused_when_the_arguments_are_built(optim_args, match):
+    with pytest.raises(ValueError, match=match):
+        hf_win.WinTrainingArguments(output_dir="unused", report_to="none", optim="sgd_win", optim_args=optim_args)
+
+
+def test_optim_args_as_a_mapping():
+    args = hf_win.WinTrainingArguments(
+        output_dir="unused", report_to="none", optim="lamb_win",
+        optim_args={"state_dtype": "bfloat16", "rounding_seed": 3, "bf16_stochastic_round": False},
+    )
+    _, kwargs = hf_win.get_optimizer_cls_and_kwargs(args)
+    assert (kwargs["state_dtype"], kwargs["rounding_seed"], kwargs["bf16_stochastic_round"]) == ("bfloat16", 3, False)
+
+
+def test_the_command_line_reaches_the_optimizer():
+    (args,) = HfArgumentParser(hf_win.WinTrainingArguments).parse_args_into_dataclasses([
+        "--output_dir", "unused", "--report_to", "none", "--optim", "sgd_win", "--acceleration_mode", "win2",
+        "--optim_args", "state_dtype=bfloat16,bf16_stochastic_round=True",
+    ])
+    cls, kwargs = hf_win.get_optimizer_cls_and_kwargs(args)
+    assert cls is hf_win.SGD and kwargs["state_dtype"] == "bfloat16" and kwargs["bf16_stochastic_round"] is True
