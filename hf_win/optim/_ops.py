@@ -8,7 +8,7 @@ which is the classic single-tensor loop of ``torch.optim``.
 
 A ``scalar`` argument may be a Python number (the same for every tensor), a list of numbers (one per
 tensor) or a list of 0-dim tensors (one per tensor). The fused step runs the same directions over
-symbolic elements (``kernels.ir.SymOps``), where step-dependent scalars are symbolic:
+symbolic elements (``kernels.tracing.SymOps``), where step-dependent scalars are symbolic:
 ``scalar_sqrt`` is the square root of a scalar, whichever kind it is.
 """
 
