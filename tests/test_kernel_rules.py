@@ -10,17 +10,8 @@ import torch
 
 import hf_win
 from hf_win.optim import kernels
-from hf_win.optim.kernels import cache
 
-
-@pytest.fixture(autouse=True)
-def fresh_kernels(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("HF_WIN_CACHE_DIR", str(tmp_path_factory.mktemp("kernels")))
-    kernels.reset()
-    cache._reset_for_tests()
-    yield
-    kernels.reset()
-    cache._reset_for_tests()
+from test_kernels import fresh_kernels  # noqa: F401  (autouse: each test starts with no kernel built)
 
 
 class Scaled(hf_win.AdamW):
