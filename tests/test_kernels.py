@@ -413,7 +413,7 @@ def test_triton_block_table_addresses_tensors_past_2_31_elements():
     p = torch.nn.Parameter(torch.randn(4))
     opt = hf_win.AdamW([p])
     group = opt.param_groups[0]
-    traced = tracing.trace(opt, group, opt.step_arrays(group), 1, None)
+    traced = tracing.trace(opt, group, opt.step_array_names(group), 1, None)
     kernel = TritonKernel(traced.prog, [torch.float32] * 5, [False] * 5)
     n = 2**31 + 5
     bt, bs, first, numel, n_blocks = kernel._blocks([n, 3], "cpu")

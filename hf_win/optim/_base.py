@@ -94,7 +94,12 @@ class WinOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        _pickling.upgrade(self)
+        self.__dict__.setdefault("_paths_taken", {})
+        if "_registered_ids" not in self.__dict__:  # unpickled; load_state_dict() keeps the live set, so
+            # flattened partitions (DeepSpeed loads ZeRO checkpoints this way) stay recognised as such
+            self._registered_ids = {id(p) for g in self.param_groups for p in g["params"]}
+        self.__dict__.setdefault("last_load_report", None)
+        _pickling.upgrade_groups(self.defaults, self.param_groups)
 
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict:
@@ -216,7 +221,7 @@ class WinOptimizer(torch.optim.Optimizer):
                 state[key] = self._new_state(p, group, like=p)
         return state
 
-    def step_arrays(self, group: dict) -> list:
+    def step_array_names(self, group: dict) -> list:
         """The names of the arrays each parameter is stepped through, in order: ``"param"``, ``"grad"``,
         then the state buffers (the base optimizer's, then the Win sequences)."""
         return ["param", "grad", *self._state_keys(group), *extra_state_keys(group["acceleration_mode"])]
@@ -240,10 +245,10 @@ class WinOptimizer(torch.optim.Optimizer):
             for state in states:
                 state["step"] = int(state.get("step", 0)) + 1
         steps = [group["step"]] * len(params) if group_step else [s["step"] for s in states]
-        keys = self.step_arrays(group)[2:]
+        keys = self.step_array_names(group)[2:]
         # Complex parameters are stepped through their real views (as torch.optim does).
-        tensors = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] if p.is_complex() else [p, g, *(s[k] for k in keys)]
-                   for p, g, s in zip(params, grads, states)]
+        tensors = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] if p.is_complex()
+                   else [p, g, *(s[k] for k in keys)] for p, g, s in zip(params, grads, states)]
         plan = _dispatch.decide(self, group, tensors, steps, clip)
         _dispatch.run(self, group, plan, tensors, steps, pids, clip)
         self._paths_taken[index] = plan.paths
