@@ -168,16 +168,6 @@ def test_help_explains_the_flags():
         assert name in flat
 
 
-def test_readme_optim_args_table_matches_the_registry():
-    from pathlib import Path
-
-    from hf_win.training_args import optim_args_markdown_table
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("<!-- section:trainer -->"):readme.index("<!-- /section:trainer -->")]
-    assert optim_args_markdown_table() in section, "regenerate with hf_win.training_args.optim_args_markdown_table()"
-
-
 def test_importing_hf_win_does_not_import_the_trainer_stack_nor_timm():
     import subprocess
     import sys
