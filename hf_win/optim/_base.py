@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from . import _rounding, _state_dict, kernels
+from . import _advice, _rounding, _state_dict, kernels
 from ._ops import FOREACH, PER_TENSOR
 from ._sharding import CLIP_ADVICE, ShardingError, check_partitioned, foreign_params, inside_zero_redundancy_optimizer
 from ._win import MODES, accelerate, extra_state_keys, vanilla_step
@@ -131,6 +131,7 @@ class WinOptimizer(torch.optim.Optimizer):
             if isinstance(defaults.get(key), list):
                 defaults[key] = tuple(defaults[key])
         self._validate_group(defaults, where="", defaults=True)
+        _advice.check_backend_setting()
         if max_grad_norm > 0 and inside_zero_redundancy_optimizer():
             raise ShardingError(
                 f"{name}: max_grad_norm={max_grad_norm} inside ZeroRedundancyOptimizer would clip "
@@ -159,6 +160,7 @@ class WinOptimizer(torch.optim.Optimizer):
                 param_group[key] = tuple(param_group[key])
         super().add_param_group(param_group)
         self._registered_ids.update(id(p) for p in self.param_groups[-1]["params"])
+        _advice.warn_inert_rounding(self)
 
     def _validate_group(self, group: dict, where: str, defaults: bool = False) -> None:
         """Raise ``ValueError`` naming the key and the allowed values. ``defaults``: ``group`` is the
@@ -304,12 +306,16 @@ class WinOptimizer(torch.optim.Optimizer):
           warned.
         - ``max_grad_norm`` (SGD: also ``eps``) is one value for the optimizer: a checkpoint's other value
           is replaced by this optimizer's, warned.
-        - State buffers keep the dtype they were saved in (``state_dtype``; torch would cast them to the
-          parameter's dtype).
+        - ``state_dtype``: the one this optimizer was built with, when not None: the saved buffers are
+          converted to it (rounded to nearest), warned. Built with None, the checkpoint's (torch's rule;
+          None there too: the parameter's dtype), so bfloat16 state of float32 parameters stays bfloat16
+          (torch would cast it to the parameter's dtype).
+        - ``bf16_stochastic_round`` and ``rounding_seed``: the checkpoint's (torch's rule), warned when this
+          optimizer was built with other values.
         """
         converted, notes = _state_dict.prepare(self, state_dict)
         super().load_state_dict(converted)
-        self._keep_saved_dtypes(converted)
+        notes += _state_dict.set_loaded_dtypes(self, converted)
         _state_dict.finish(self)
         name = _state_dict.checkpoint_name(type(self))
         modes = sorted({g["acceleration_mode"] for g in self.param_groups})
@@ -318,19 +324,6 @@ class WinOptimizer(torch.optim.Optimizer):
             warnings.warn(self.last_load_report, UserWarning, stacklevel=2)
         else:
             self.last_load_report = f"{name}.load_state_dict: loaded as saved (acceleration_mode {'/'.join(modes)})"
-
-    def _keep_saved_dtypes(self, state_dict: dict) -> None:
-        """After torch's load: state buffers keep the dtype they were saved in (torch casts them to the
-        parameter's dtype: bfloat16 state of float32 parameters would come back as float32, float32 state
-        of bfloat16 parameters rounded to bfloat16)."""
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(i, {}).items():
-                live = self.state[p].get(key)
-                if (isinstance(value, Tensor) and isinstance(live, Tensor) and value.is_floating_point()
-                        and live.dtype != value.dtype):
-                    self.state[p][key] = value.to(device=live.device, dtype=value.dtype, copy=True)
 
     # ------------------------------------------------------------------ subclass hooks
     @classmethod
