@@ -3,8 +3,9 @@ a value.
 
 ``--optim_args`` is ``"key=value,key=value"``, a JSON/YAML object string (``'{"amsgrad": true}'``: what an
 argument file's mapping becomes on a command line) or a mapping (code, JSON and YAML argument files).
-This module only reads the words (``true``/``false``, ``none``, numbers, dtype names) into Python values; whether
-a value is allowed (a range, a dtype) is the optimizer's own validation, run when the arguments are built
+This module reads the words (``true``/``false``, ``none``, numbers, dtype names, seeds) into Python values, the
+dtype names as the optimizer reads them; whether a value is allowed for its optimizer (a beta in [0, 1), ...)
+is the optimizer's own validation, run when the arguments are built
 (``hf_win.training_args.validate_win_optimizer``).
 """
 
@@ -16,6 +17,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 
+from .optim._base import STATE_DTYPES, _as_dtype
 from .registry import OPTIMIZERS, OptimizerSpec, get_optimizer_spec
 
 __all__ = ["MAPPED_KEYS", "TORCH_ONLY_KEYS", "is_win_optimizer", "n_betas", "optim_args_keys",
@@ -46,8 +48,8 @@ _NONE = {"none", "null", "auto"}
 
 # Keywords whose kind the default does not tell (None for a dtype, 0 for an int).
 _KINDS = {"state_dtype": "dtype|none", "rounding_seed": "int"}
-_ACCEPTED = {"bool": "true/false", "bool|none": "true/false/none", "float": "a number", "int": "an integer",
-             "dtype|none": "a dtype name (float32, bfloat16) or none"}
+_ACCEPTED = {"bool": "true/false", "bool|none": "true/false/none", "float": "a number",
+             "int": "an integer in [0, 2**31)", "dtype|none": f"{', '.join(STATE_DTYPES)} or none"}
 
 
 def is_win_optimizer(name: Any) -> bool:
@@ -85,6 +87,18 @@ def optim_args_keys(name: str) -> Dict[str, str]:
     return keys
 
 
+def _dtype_name(value) -> str:
+    """The name of a state dtype, as the optimizer reads it (``_as_dtype``: names, ``torch.`` names, dtypes)."""
+    dtype = _as_dtype(value)  # ValueError for anything else
+    return next(name for name, d in STATE_DTYPES.items() if d == dtype)
+
+
+def _seed(value: int) -> int:
+    if not 0 <= value < 2**31:
+        raise ValueError
+    return value
+
+
 def _word(raw: Any, kind: str) -> Any:
     """``raw`` (text, or a value from a mapping) as a value of ``kind``; ``ValueError`` if it is not one."""
     if isinstance(raw, str):
@@ -93,10 +107,10 @@ def _word(raw: Any, kind: str) -> Any:
             return None
         if kind.startswith("bool") and text in _TRUE | _FALSE:
             return text in _TRUE
-        if kind == "dtype|none" and text:
-            return text.replace("torch.", "")  # which names are dtypes: the optimizer says
+        if kind == "dtype|none":
+            return _dtype_name(text)
         if kind == "int" and text.lstrip("+-").isdigit():
-            return int(text)
+            return _seed(int(text))
         if kind == "float":
             try:
                 value = float(text)
@@ -112,9 +126,9 @@ def _word(raw: Any, kind: str) -> Any:
             return raw
         raise ValueError
     if kind == "dtype|none" and isinstance(raw, torch.dtype):
-        return str(raw).replace("torch.", "")
+        return _dtype_name(raw)
     if kind == "int" and isinstance(raw, int):
-        return raw
+        return _seed(raw)
     if kind == "float" and isinstance(raw, (int, float)) and math.isfinite(raw):
         return float(raw)
     raise ValueError

@@ -85,8 +85,12 @@ def _one(values) -> Any:
     return distinct[0] if len(distinct) == 1 else "/".join(map(str, distinct))
 
 
-def _dtype_name(dtype) -> str:
-    return "the parameters' dtype" if dtype is None else str(dtype).replace("torch.", "")
+def _state_dtypes(group: dict) -> str:
+    """The dtype(s) the group's state is held in: its ``state_dtype``, else its parameters' (and complex
+    parameters keep complex state)."""
+    own = group.get("state_dtype")
+    names = {str(p.dtype if own is None or p.is_complex() else own).replace("torch.", "") for p in group["params"]}
+    return "/".join(sorted(names)) or "-"
 
 
 def _fmt_bytes(n: int) -> str:
@@ -239,7 +243,7 @@ class WinTrainer(OptimizerResumeLogMixin, CheckpointNamesMixin, Trainer):
             "class": type(inner).__name__,
             "acceleration_mode": _one(g["acceleration_mode"] for g in groups),
             "reckless_steps": _one(tuple(g["reckless_steps"]) for g in groups),
-            "state_dtype": _one(_dtype_name(g.get("state_dtype")) for g in groups),
+            "state_dtype": _one(_state_dtypes(g) for g in groups),
             "bf16_stochastic_round": _one(bool(g.get("bf16_stochastic_round", False)) for g in groups),
             "rounding_seed": _one(int(g.get("rounding_seed", 0)) for g in groups),
             "state_buffers_per_parameter": n,

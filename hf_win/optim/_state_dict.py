@@ -168,12 +168,13 @@ def _storage_settings(i: int, saved: dict, own: dict) -> List[str]:
     if own.get("state_dtype") is not None:
         saved["state_dtype"] = own["state_dtype"]
     elif saved.get("state_dtype") is not None:
-        notes.append(f"param group {i} keeps the checkpoint's state_dtype={_dtype_name(saved['state_dtype'])} (this "
-                     f"optimizer was built with state_dtype=None; build it with a state_dtype to convert the state)")
+        notes.append(f"param group {i} was saved with state_dtype={_dtype_name(saved['state_dtype'])} and this optimizer "
+                     f"was built with None: the checkpoint's is loaded (build it with a state_dtype to convert the state)")
     for k in ("bf16_stochastic_round", "rounding_seed"):
         if saved.get(k) != own.get(k):
-            notes.append(f"param group {i} keeps the checkpoint's {k}={saved.get(k)!r} (this optimizer was built with "
-                         f"{own.get(k)!r}; set param_group[{k!r}] after loading to change it)")
+            notes.append(f"param group {i} was saved with {k}={saved.get(k)!r} and this optimizer was built with "
+                         f"{own.get(k)!r}: the checkpoint's {saved.get(k)!r} is loaded (torch's rule for hyper-parameters; "
+                         f"set param_group[{k!r}] after loading for another)")
     return notes
 
 
