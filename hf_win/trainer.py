@@ -216,8 +216,9 @@ class WinTrainer(OptimizerResumeLogMixin, CheckpointNamesMixin, Trainer):
         if isinstance(inner, WinOptimizer) and is_win_optimizer(name) and type(inner) is get_optimizer_spec(name).cls:
             notes = apply_given_settings(self.args, inner) + describe_running_settings(self.args, inner)
             if notes:
-                logger.warning("hf_win optimizer after loading the checkpoint: %s. The arguments now say what runs "
-                               "(--optim_args %s), as do training_args.bin, the model card and trainer_state.json.",
+                logger.warning("hf_win: the optimizer runs with other settings than the arguments said (after a resume: "
+                               "see docs/resume.md): %s. The arguments now say what runs (--optim_args %s), as do "
+                               "training_args.bin, the model card and trainer_state.json.",
                                "; ".join(notes), self.args.optim_args)
         if isinstance(inner, WinOptimizer):
             self._log_win_optimizer(inner)
@@ -226,8 +227,11 @@ class WinTrainer(OptimizerResumeLogMixin, CheckpointNamesMixin, Trainer):
             state.stateful_callbacks.pop(WinSettingsCallback.__name__, None)
             return
         # the instance built in __init__, or the one the Trainer rebuilt from the checkpoint's entry
-        # (--restore_callback_states_from_checkpoint)
-        callback = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, WinSettingsCallback))
+        # (--restore_callback_states_from_checkpoint); a new one if the arguments were switched to Win since
+        callback = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, WinSettingsCallback)), None)
+        if callback is None:
+            callback = WinSettingsCallback()
+            self.add_callback(callback)
         callback.settings = settings
         state.stateful_callbacks[WinSettingsCallback.__name__] = callback.state()
 

@@ -143,7 +143,7 @@ def test_settings_not_given_at_resume_are_the_checkpoints_and_the_reports_say_so
     _assert_reports_match_the_state(kept, tmp_path / "kept", "win", torch.bfloat16)
     assert {g["rounding_seed"] for g in _inner(kept).param_groups} == {7}
     assert parse_win_optim_args("adamw_win", kept.args.optim_args) == {"state_dtype": "bfloat16", "rounding_seed": 7}
-    warned = [r.getMessage() for r in caplog.records if "after loading the checkpoint" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "runs with other settings than the arguments said" in r.getMessage()]
     assert len(warned) == 1 and "rounding_seed=7 runs (the checkpoint's), not 0" in warned[0]
 
     # given at resume, the rounding settings win (warned)
@@ -153,7 +153,7 @@ def test_settings_not_given_at_resume_are_the_checkpoints_and_the_reports_say_so
                        optim_args="state_dtype=bfloat16,rounding_seed=3")
     assert {g["rounding_seed"] for g in _inner(given).param_groups} == {3}
     assert given.win_optimizer_summary["rounding_seed"] == 3
-    warned = [r.getMessage() for r in caplog.records if "after loading the checkpoint" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "runs with other settings than the arguments said" in r.getMessage()]
     assert len(warned) == 1 and "rounding_seed=3 given in --optim_args replaces the checkpoint's 7" in warned[0]
     _assert_reports_match_the_state(given, tmp_path / "given", "win", torch.bfloat16)
 
