@@ -150,11 +150,13 @@ def test_settings_not_given_at_resume_are_the_checkpoints_and_the_reports_say_so
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
         given = _train(tmp_path / "given", resume=str(sources["win_bf16_seed7"]), steps=4,
-                       optim_args="state_dtype=bfloat16,rounding_seed=3")
-    assert {g["rounding_seed"] for g in _inner(given).param_groups} == {3}
-    assert given.win_optimizer_summary["rounding_seed"] == 3
+                       optim_args="state_dtype=bfloat16,rounding_seed=3,bf16_stochastic_round=true")
+    groups = _inner(given).param_groups
+    assert {g["rounding_seed"] for g in groups} == {3} and {g["bf16_stochastic_round"] for g in groups} == {True}
+    assert given.win_optimizer_summary["rounding_seed"] == 3 and given.win_optimizer_summary["bf16_stochastic_round"]
     warned = [r.getMessage() for r in caplog.records if "runs with other settings than the arguments said" in r.getMessage()]
     assert len(warned) == 1 and "rounding_seed=3 given in --optim_args replaces the checkpoint's 7" in warned[0]
+    assert "bf16_stochastic_round=True given in --optim_args replaces the checkpoint's False" in warned[0]
     _assert_reports_match_the_state(given, tmp_path / "given", "win", torch.bfloat16)
 
 
