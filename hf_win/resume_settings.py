@@ -10,7 +10,8 @@ own rules for ``acceleration_mode`` and ``state_dtype`` are in ``WinOptimizer.lo
   the betas, eps, the reckless steps) is the checkpoint's: the arguments are rewritten to it, so the
   saved ``training_args.bin``, the model card and ``trainer_state.json`` say what runs.
 
-Each change is returned as a note for the Trainer to log (a warning).
+Each change is returned as a note for the Trainer to log (a warning). The rewriting serves any run whose
+optimizer holds other values than its arguments say (one passed to the Trainer ready-made, too).
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def _one_value(groups, read):
     return values
 
 
-def describe_running_settings(args, optimizer) -> List[str]:
+def describe_running_settings(args, optimizer, source: str = "the checkpoint's") -> List[str]:
     """Rewrite ``args`` (its ``optim_args`` and the standard fields of :data:`_FIELDS`) to the values the
-    param groups of ``optimizer`` hold where all groups agree; a note per rewritten value, and one per value
-    the groups do not agree on (which one string cannot say)."""
+    param groups of ``optimizer`` hold where all groups agree; a note per rewritten value (``source``: whose
+    value it is), and one per value the groups do not agree on (which one string cannot say)."""
     spec = get_optimizer_spec(args.optim)
     given = parse_win_optim_args(spec.name, args.optim_args)
     defaults = spec.hyperparameters
@@ -88,18 +89,18 @@ def describe_running_settings(args, optimizer) -> List[str]:
         said = _plain(given.get(key, defaults["betas"][2] if key == "beta3" else defaults[key]))
         values = _one_value(groups, lambda g: _group_value(g, key))
         if len(values) > 1:
-            notes.append(f"{key} differs between param groups ({values}), as the checkpoint holds it")
+            notes.append(f"{key} differs between param groups ({values}), as {source} value")
         elif values[0] != said:
             running[key] = values[0]
-            notes.append(f"{key}={values[0]!r} runs (the checkpoint's), not {said!r}")
+            notes.append(f"{key}={values[0]!r} runs ({source}), not {said!r}")
     for field, read in _FIELDS.items():
         if field.startswith("adam_") and ("betas" if "beta" in field else "eps") not in spec.accepted_keys:
             continue
         values = _one_value(groups, read)
         if len(values) > 1:
-            notes.append(f"{field} differs between param groups ({values}), as the checkpoint holds it")
+            notes.append(f"{field} differs between param groups ({values}), as {source} value")
         elif values[0] != getattr(args, field):
-            notes.append(f"--{field} {values[0]} runs (the checkpoint's), not {getattr(args, field)}")
+            notes.append(f"--{field} {values[0]} runs ({source}), not {getattr(args, field)}")
             setattr(args, field, values[0])
     if running != given:
         args.optim_args = format_optim_args(running)

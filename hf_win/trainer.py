@@ -214,7 +214,9 @@ class WinTrainer(OptimizerResumeLogMixin, CheckpointNamesMixin, Trainer):
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         name = getattr(self.args.optim, "value", self.args.optim)
         if isinstance(inner, WinOptimizer) and is_win_optimizer(name) and type(inner) is get_optimizer_spec(name).cls:
-            notes = apply_given_settings(self.args, inner) + describe_running_settings(self.args, inner)
+            resumed = state.global_step > 0
+            notes = apply_given_settings(self.args, inner) if resumed else []
+            notes += describe_running_settings(self.args, inner, "the checkpoint's" if resumed else "the optimizer's")
             if notes:
                 logger.warning("hf_win: the optimizer runs with other settings than the arguments said (after a resume: "
                                "see docs/resume.md): %s. The arguments now say what runs (--optim_args %s), as do "

@@ -166,3 +166,20 @@ def test_a_checkpoint_of_another_optimizer_is_refused_naming_both(tmp_path, sour
     with pytest.raises(ValueError, match="saved by hf_win SGD, and this optimizer is AdamW"):
         _train(tmp_path, resume=str(sources["sgd_win"]), steps=4, acceleration_mode=mode)
     assert not (tmp_path / "checkpoint-4").exists()
+
+
+@pytest.mark.usefixtures("fast_cpu")
+def test_an_optimizer_built_otherwise_than_the_arguments_is_what_the_reports_say(tmp_path, caplog):
+    import hf_win
+
+    model = tiny_vit()
+    opt = hf_win.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.99), rounding_seed=5)
+    args = WinTrainingArguments(**base_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1))
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        trainer = WinTrainer(model=model, args=args, train_dataset=TinyImages(n=8), optimizers=(opt, None))
+        trainer.train()
+    assert (args.adam_beta1, args.adam_beta2) == (0.8, 0.99) and args.optim_args == "rounding_seed=5"
+    saved = torch.load(tmp_path / "checkpoint-1" / "training_args.bin", weights_only=False)
+    assert (saved.adam_beta1, saved.optim_args) == (0.8, "rounding_seed=5")
+    warned = [r.getMessage() for r in caplog.records if "runs with other settings" in r.getMessage()]
+    assert len(warned) == 1 and "rounding_seed=5 runs (the optimizer's), not 0" in warned[0]
