@@ -93,7 +93,8 @@ def _dtype_name(value) -> str:
     return next(name for name, d in STATE_DTYPES.items() if d == dtype)
 
 
-def _seed(value: int) -> int:
+def _int31(value: int) -> int:
+    """``value`` if it is in [0, 2**31) (the seeds the rounding takes), else ``ValueError``."""
     if not 0 <= value < 2**31:
         raise ValueError
     return value
@@ -110,7 +111,7 @@ def _word(raw: Any, kind: str) -> Any:
         if kind == "dtype|none":
             return _dtype_name(text)
         if kind == "int" and text.lstrip("+-").isdigit():
-            return _seed(int(text))
+            return _int31(int(text))
         if kind == "float":
             try:
                 value = float(text)
@@ -128,7 +129,7 @@ def _word(raw: Any, kind: str) -> Any:
     if kind == "dtype|none" and isinstance(raw, torch.dtype):
         return _dtype_name(raw)
     if kind == "int" and isinstance(raw, int):
-        return _seed(raw)
+        return _int31(raw)
     if kind == "float" and isinstance(raw, (int, float)) and math.isfinite(raw):
         return float(raw)
     raise ValueError
