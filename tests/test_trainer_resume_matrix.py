@@ -157,6 +157,12 @@ def test_settings_not_given_at_resume_are_the_checkpoints_and_the_reports_say_so
     warned = [r.getMessage() for r in caplog.records if "runs with other settings than the arguments said" in r.getMessage()]
     assert len(warned) == 1 and "rounding_seed=3 given in --optim_args replaces the checkpoint's 7" in warned[0]
     assert "bf16_stochastic_round=True given in --optim_args replaces the checkpoint's False" in warned[0]
+
+    # state_dtype=none given: the parameters' dtype, the checkpoint's bfloat16 state converted
+    none = _train(tmp_path / "none", resume=str(sources["win_bf16_seed7"]), steps=4,
+                  optim_args="state_dtype=none,rounding_seed=7")
+    _assert_reports_match_the_state(none, tmp_path / "none", "win", torch.float32)
+    assert {g["state_dtype"] for g in _inner(none).param_groups} == {None}
     _assert_reports_match_the_state(given, tmp_path / "given", "win", torch.bfloat16)
 
 
