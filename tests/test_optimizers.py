@@ -319,12 +319,3 @@ def test_clipping_off_at_zero_for_lamb():
         assert torch.equal(p.detach(), q.detach())
     moved = make_params()
     assert any(not torch.equal(p.detach(), q.detach()) for p, q in zip(a, moved))
-
-
-def test_docs_optimizer_table_matches_the_registry():
-    from pathlib import Path
-
-    from hf_win.registry import markdown_table
-
-    page = (Path(__file__).resolve().parent.parent / "docs" / "optimizers.md").read_text()
-    assert markdown_table() in page, "regenerate the docs/optimizers.md table from hf_win.registry.markdown_table()"

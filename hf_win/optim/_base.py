@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _dispatch, _memory, _pickling, _state_dict
+from . import _advice, _dispatch, _memory, _pickling, _state_dict
 from ._clipping import clip_coefficient
 from ._precision import state_dtype
 from ._sharding import check_clipping_at_construction, stepping_partitions
@@ -69,6 +69,7 @@ class WinOptimizer(torch.optim.Optimizer):
         )
         normalize(defaults)
         check_group(type(self), defaults)
+        _advice.check_backend_setting()
         defaults["max_grad_norm"] = float(max_grad_norm)
         check_clipping_at_construction(type(self).__name__, max_grad_norm)
         self._registered_ids = set()  # ids of the parameters given to us (see _sharding.foreign_params)
@@ -91,6 +92,7 @@ class WinOptimizer(torch.optim.Optimizer):
         normalize(param_group)
         super().add_param_group(param_group)
         self._registered_ids.update(id(p) for p in self.param_groups[-1]["params"])
+        _advice.warn_inert_rounding(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -134,12 +136,16 @@ class WinOptimizer(torch.optim.Optimizer):
           warned.
         - ``max_grad_norm`` (SGD: also ``eps``) is one value for the optimizer: a checkpoint's other value
           is replaced by this optimizer's, warned.
-        - State buffers keep the dtype they were saved in (``state_dtype``; torch would cast them to the
-          parameter's dtype).
+        - ``state_dtype``: the one this optimizer was built with, when not None: the saved buffers are
+          converted to it (rounded to nearest), warned. Built with None, the checkpoint's (torch's rule;
+          None there too: the parameter's dtype), so bfloat16 state of float32 parameters stays bfloat16
+          (torch would cast it to the parameter's dtype).
+        - ``bf16_stochastic_round`` and ``rounding_seed``: the checkpoint's (torch's rule), warned when this
+          optimizer was built with other values.
         """
         converted, notes = _state_dict.prepare(self, state_dict)
         super().load_state_dict(converted)
-        _state_dict.keep_saved_dtypes(self, converted)
+        notes += _state_dict.set_loaded_dtypes(self, converted)
         _state_dict.finish(self)
         name = _state_dict.checkpoint_name(type(self))
         modes = sorted({g["acceleration_mode"] for g in self.param_groups})
