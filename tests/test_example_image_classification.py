@@ -19,6 +19,9 @@ import yaml
 
 from example_testing import load_script  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
+import launch  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "image_classification"
 SCRIPT = EXAMPLES / "run_image_classification.py"
@@ -233,6 +236,53 @@ def test_tiny_resnet_on_an_image_folder(ric, image_folder, tmp_path):
     assert np.isfinite(results["train_loss"]) and "eval_top1_accuracy" in results
     assert json.load(open(out / "config.json"))["hidden_sizes"] == [16, 32]
     assert json.load(open(out / "trainer_state.json"))["global_step"] == 3
+
+
+def test_argument_file_with_optim_args_as_a_mapping(ric, utils, tmp_path):
+    """``optim_args:`` as a YAML mapping reaches the optimizer through the example's argument files and through
+    ``HfArgumentParser.parse_yaml_file`` alike."""
+    from transformers import HfArgumentParser
+
+    from hf_win import WinTrainingArguments
+
+    path = tmp_path / "args.yaml"
+    path.write_text(f"optim: adamw_win\nacceleration_mode: win2\noptim_args:\n  amsgrad: true\n  rounding_seed: 7\n"
+                    f"learning_rate: 0.003\noutput_dir: {tmp_path / 'out'}\n")
+    from_example = ric.parse_arguments([str(path)])[3]
+    parser = HfArgumentParser((ric.ModelArguments, ric.DataTrainingArguments, utils.AugmentationArguments,
+                               WinTrainingArguments))
+    from_yaml = parser.parse_yaml_file(str(path))[3]
+    for training_args in (from_example, from_yaml):
+        trainer = ric.ImageClassificationTrainer(model=torch.nn.Linear(2, 2), args=training_args,
+                                                 batch_augment=torch.nn.Identity(), eval_dataset=[{}])
+        optimizer = trainer.create_optimizer()
+        inner = getattr(optimizer, "optimizer", optimizer)
+        assert inner.defaults["amsgrad"] is True and inner.defaults["rounding_seed"] == 7
+        assert inner.defaults["acceleration_mode"] == "win2" and inner.defaults["lr"] == 0.003
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the launch without a GPU")
+def test_torchrun_without_a_gpu_trains_one_job_on_cpu_processes(ric, image_folder, tmp_path):
+    """torchrun --nproc_per_node 2, no GPU, no --use_cpu: one job on 2 CPU processes (gloo), said once in the log,
+    ending with the parameters of 1 process with the same global batch (two processes training alone, as the
+    launch ran unasked before, end elsewhere: each steps on its own 4 images). Deterministic crops (scale and
+    ratio 1: the central square), so both runs see the same pixels; 24 images, 3 global batches of 8."""
+    common = ["--train_dir", str(image_folder / "train"), "--validation_dir", str(image_folder / "validation"),
+              "--config_overrides", TINY, "--max_steps", "3",
+              "--learning_rate", "1e-2", "--acceleration_mode", "win2", "--random_resized_crop_scale", "1", "1",
+              "--random_resized_crop_ratio", "1", "1", "--horizontal_flip_prob", "0", "--do_eval", "false",
+              "--report_to", "none", "--disable_tqdm", "true"]
+    ric.run(common + ["--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    out = launch.run(launch.torchrun(str(SCRIPT), *common, "--per_device_train_batch_size", "4",
+                                     "--output_dir", str(tmp_path / "two")), timeout=300)
+    assert out.count("no GPU visible: training as one job on 2 CPU processes (gloo)") == 1, out[-3000:]
+    from safetensors.torch import load_file
+
+    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert diff < 1e-4, f"2 processes differ from 1 by {diff:.3e}"  # a step moves them by ~1e-2
+    assert json.load(open(tmp_path / "two" / "trainer_state.json"))["global_step"] == 3
 
 
 def test_distributed_configs_parse():
