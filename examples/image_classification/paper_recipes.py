@@ -9,6 +9,7 @@ kornia does RandAugment and CutMix; the rest is plain PyTorch (no torchvision: s
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -286,8 +287,12 @@ class BatchAugment(torch.nn.Module):
         self.num_labels, self.aug, self.smoothing = num_labels, aug, float(label_smoothing)
         self.cutmix = None
         if aug.cutmix_alpha > 0:
+            import kornia
             from kornia.augmentation import RandomCutMixV2
 
+            if "use_correct_lambda" not in inspect.signature(RandomCutMixV2).parameters:
+                raise UsageError(f"--cutmix_alpha needs a kornia whose RandomCutMixV2 takes use_correct_lambda "
+                                 f"(0.9 does), found kornia {kornia.__version__}: pip install -U kornia")
             # use_correct_lambda: the third column is the share of each image kept (1 - the box's area).
             self.cutmix = RandomCutMixV2(beta=aug.cutmix_alpha, same_on_batch=True, use_correct_lambda=True,
                                          data_keys=["input", "class"])
