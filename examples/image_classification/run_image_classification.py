@@ -41,27 +41,32 @@ SPLIT_SEED = 42  # the held-out split does not move with --seed, so runs with di
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "A pretrained checkpoint (local path or Hub id) to fine-tune; unset: train from scratch."})
-    model_type: str = field(default="vit", metadata={"help": "From scratch: a transformers model type with an image-classification head (vit and resnet have a built-in image processor)."})
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "A checkpoint (local path or Hub id) to fine-tune; unset: train from scratch."})
+    model_type: str = field(
+        default="vit", metadata={"help": "From scratch: a model type with an image-classification head (vit, resnet, ...)."})
     config_overrides: Optional[str] = field(
         default=None,
         metadata={"help": "From scratch: override config defaults, e.g. 'hidden_size=384,num_hidden_layers=12'; lists in "
                   "brackets, e.g. ResNet-101: 'layer_type=bottleneck,depths=[3,4,23,3],hidden_sizes=[256,512,1024,2048]'."},
     )
-    image_size: Optional[int] = field(default=None, metadata={"help": "From scratch: input size for a model whose config has none (ResNet; default 224)."})
-    channels_last: bool = field(default=False, metadata={"help": "Channels-last memory format for the model and its inputs (timm --channels-last)."})
-    zero_init_residual: bool = field(default=False, metadata={"help": "From scratch, ResNet: each block starts as the identity (timm's zero_init_last)."})
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "From scratch: input size for a model whose config has none (ResNet; 224)."})
+    channels_last: bool = field(default=False, metadata={"help": "Channels-last model and inputs (timm --channels-last)."})
+    zero_init_residual: bool = field(
+        default=False, metadata={"help": "From scratch, ResNet: each block starts as the identity (timm's zero_init_last)."})
     config_name: Optional[str] = field(default=None, metadata={"help": "A config (name or path) if not the model's."})
-    image_processor_name: Optional[str] = field(default=None, metadata={"help": "An image processor (name or path) if not the model's."})
-    image_mean: Optional[List[float]] = field(default=None, metadata={"help": "Normalisation mean (3 numbers); default the image processor's."})
-    image_std: Optional[List[float]] = field(default=None, metadata={"help": "Normalisation std (3 numbers); default the image processor's."})
+    image_processor_name: Optional[str] = field(default=None, metadata={"help": "An image processor if not the model's."})
+    image_mean: Optional[List[float]] = field(default=None, metadata={"help": "Normalisation mean (3 numbers)."})
+    image_std: Optional[List[float]] = field(default=None, metadata={"help": "Normalisation std (3 numbers)."})
     torch_dtype: Optional[str] = field(
         default=None,
         metadata={"help": "Keep the parameters in this dtype; inputs are cast to it. Pure-bfloat16 training: --torch_dtype "
                   "bfloat16 --optim_args state_dtype=bfloat16,bf16_stochastic_round=true (--bf16 autocasts instead).",
                   "choices": ["float32", "bfloat16", "float16"]},
     )
-    drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth (timm --drop-path), rising linearly over the layers to this rate."})
+    drop_path_rate: float = field(
+        default=0.0, metadata={"help": "Stochastic depth (timm --drop-path), rising linearly over the layers to this rate."})
     weight_decay_filter: str = field(
         default="trainer",
         metadata={"help": "Which parameters get weight decay: 'trainer' (all but biases and norm weights), 'timm' (all but "
@@ -72,7 +77,7 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)."})
     token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models or datasets."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the Hub."})
-    ignore_mismatched_sizes: bool = field(default=False, metadata={"help": "Re-initialise the classifier of a checkpoint with another number of labels."})
+    ignore_mismatched_sizes: bool = field(default=False, metadata={"help": "A new classifier for another number of labels."})
 
     def __post_init__(self):
         scratch_only = [f"--{n}" for n in ("config_overrides", "zero_init_residual") if getattr(self, n)]
@@ -90,14 +95,14 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments:
-    dataset_name: Optional[str] = field(default=None, metadata={"help": "A dataset from the Hub (e.g. ILSVRC/imagenet-1k) or a local dataset path."})
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "A Hub dataset (ILSVRC/imagenet-1k) or a local path."})
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration name."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (no full download; requires --max_steps)."})
-    train_dir: Optional[str] = field(default=None, metadata={"help": "A folder of training images, one sub-folder per class."})
-    validation_dir: Optional[str] = field(default=None, metadata={"help": "A folder of validation images, one sub-folder per class."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (no download; needs --max_steps)."})
+    train_dir: Optional[str] = field(default=None, metadata={"help": "A folder of training images, a sub-folder per class."})
+    validation_dir: Optional[str] = field(default=None, metadata={"help": "A folder of validation images, likewise."})
     image_column_name: str = field(default="image", metadata={"help": "The dataset column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "The dataset column holding the labels."})
-    train_val_split: float = field(default=0.15, metadata={"help": "Fraction of the training set held out when there is no validation split."})
+    train_val_split: float = field(default=0.15, metadata={"help": "Share of the training set held out if no validation split."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training images."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many validation images."})
 
@@ -147,13 +152,13 @@ def digits_dataset():
     pixels = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
     images = [Image.fromarray(p, mode="L") for p in pixels]
-    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)})
+    ds = datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    return datasets.DatasetDict({"train": ds})
 
 
 def cpu_processes_launch() -> bool:
-    """A multi-process launch (torchrun, accelerate launch: WORLD_SIZE > 1) with no GPU visible. Accelerate runs
-    such processes as that many independent single-process jobs unless asked for CPU processes, which both
-    scripts then do by default (gloo), and say so once."""
+    """A multi-process launch (WORLD_SIZE > 1) with no GPU visible: Accelerate would run each process as a job of
+    its own unless asked for CPU processes, which both scripts then ask for (gloo), and say so once."""
     accelerator = getattr(torch, "accelerator", None)
     visible = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not visible
@@ -219,8 +224,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, defa
             raise UsageError(f"--{arg} {name!r} is not a column of the dataset; its columns are: {', '.join(columns)}")
     label_feature = (reference.features or {}).get(label_column)
     if not isinstance(label_feature, datasets.ClassLabel):
-        raise UsageError(f"--label_column_name {label_column!r} must be a ClassLabel column (class ids with names), "
-                         f"got {label_feature}")
+        raise UsageError(f"--label_column_name {label_column!r} must be a ClassLabel column (with names), got {label_feature}")
 
     train_ds = eval_ds = None
     if do_train:
@@ -250,8 +254,7 @@ def build_model(model_args: ModelArguments, labels: List[str], training_args):
     """``(model, image_processor)``: a checkpoint with a classifier for ``labels``, or a model from scratch."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-    label2id = {name: i for i, name in enumerate(labels)}
-    id2label = {i: name for i, name in enumerate(labels)}
+    label2id, id2label = {name: i for i, name in enumerate(labels)}, dict(enumerate(labels))
     common = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
                   trust_remote_code=model_args.trust_remote_code)
     if model_args.model_name_or_path is not None:
@@ -368,8 +371,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         logger.warning("No data argument: training a small %s from scratch on scikit-learn's digits (offline default).",
                        {"vit": "ViT", "resnet": "ResNet"}.get(model_args.model_type, model_args.model_type))
         if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
-            # A 0.3M-parameter model on 17 tokens: one thread per op beats several (which spin and wait on each
-            # other, badly so on a busy machine). OMP_NUM_THREADS=N overrides.
+            # A 0.3M-parameter model: one thread per op beats several (which spin and wait on each other).
             torch.set_num_threads(1)
             logger.warning("Tiny model on the CPU: 1 intra-op thread (set OMP_NUM_THREADS to choose).")
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
@@ -390,12 +392,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     metric, ks = load_top_k_accuracy(cache_dir=model_args.cache_dir), top_k(len(labels))
 
     def preprocess_logits_for_metrics(logits, _labels):
-        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-        return logits.topk(max(ks), dim=-1).indices
+        return (logits[0] if isinstance(logits, (tuple, list)) else logits).topk(max(ks), dim=-1).indices
 
     def compute_metrics(p):
-        return metric.compute(predictions=np.asarray(p.predictions).tolist(),
-                              references=np.asarray(p.label_ids).tolist(), k=ks)
+        return metric.compute(predictions=np.asarray(p.predictions).tolist(), references=np.asarray(p.label_ids).tolist(), k=ks)
 
     trainer = ImageClassificationTrainer(
         model=model,
