@@ -426,3 +426,4 @@ def test_error_config_does_not_parse(ric, capsys, tmp_path):
     unknown.write_text("optim: adamw_win\nlearning_rte: 0.001\n")
     line = _error_line(ric, capsys, [str(unknown)])
     assert "unknown argument 'learning_rte'" in line
+

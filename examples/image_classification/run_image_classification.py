@@ -323,8 +323,7 @@ def top_k(num_labels: int):
 
 
 class ImageClassificationTrainer(WinTrainer):
-    """``WinTrainer`` whose training loss takes soft targets (mixup / cutmix / label smoothing, BCE option);
-    evaluation is the model's own cross-entropy on normalised inputs."""
+    """``WinTrainer`` training on soft targets (mixup, cutmix, label smoothing; BCE or cross-entropy)."""
 
     loss_is_scaled_for_ga = False  # our loss is a per-batch mean: the Trainer divides by accumulation steps
 
@@ -356,7 +355,6 @@ class ImageClassificationTrainer(WinTrainer):
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     model_args, data_args, aug_args, training_args, default_data = parse_arguments(argv)
 
-    # Setup logging
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
@@ -434,8 +432,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     if trainer.is_world_process_zero():
         summary = [f"optimizer {training_args.optim} ({getattr(training_args, 'acceleration_mode', '-')})"]
         summary += [f"top-{k} {100 * results[f'eval_top{k}_accuracy']:.2f}%" for k in ks if f"eval_top{k}_accuracy" in results]
-        if "train_runtime" in results:
-            summary.append(f"training {results['train_runtime']:.1f}s")
+        summary += [f"training {results['train_runtime']:.1f}s"] if "train_runtime" in results else []
         n_eval = None if data_args.streaming or eval_ds is None else len(eval_ds)
         print(f"\n*** Result{f' on {n_eval} held-out images' if n_eval else ''}: " + ", ".join(summary))
         print(f"*** Metrics in {os.path.join(training_args.output_dir, 'all_results.json')}")
