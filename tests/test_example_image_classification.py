@@ -427,3 +427,11 @@ def test_error_config_does_not_parse(ric, capsys, tmp_path):
     line = _error_line(ric, capsys, [str(unknown)])
     assert "unknown argument 'learning_rte'" in line
 
+
+
+def test_error_argument_file_value_not_among_the_choices(ric, capsys, tmp_path):
+    """A file's value is checked against the argument's choices as the command line's is."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("weight_decay_filter: timmm\n")
+    line = _error_line(ric, capsys, [str(bad), "--output_dir", str(tmp_path)])
+    assert line == f"error: {bad}: weight_decay_filter must be one of trainer, timm, all, got 'timmm'"

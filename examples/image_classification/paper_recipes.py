@@ -56,10 +56,13 @@ def load_argument_file(path: str, parser: HfArgumentParser) -> Dict[str, Any]:
         raise UsageError(f"argument file {path} does not parse: {' '.join(str(err).split())}") from None
     if not isinstance(options, dict):
         raise UsageError(f"argument file {path} must hold a mapping of argument names to values, got {type(options).__name__}")
-    known = {f.name for dc in parser.dataclass_types for f in dataclasses.fields(dc) if f.init}
-    for key in options:
-        if key not in known:
+    fields = {f.name: f for dc in parser.dataclass_types for f in dataclasses.fields(dc) if f.init}
+    for key, value in options.items():
+        if key not in fields:
             raise UsageError(f"{path}: unknown argument {key!r}")
+        choices = fields[key].metadata.get("choices")  # argparse checks the command line's, not defaults
+        if choices is not None and value is not None and value not in choices:
+            raise UsageError(f"{path}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
     return {k: v for k, v in options.items() if v is not None}
 
 
