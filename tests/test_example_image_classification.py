@@ -259,6 +259,8 @@ def test_argument_file_with_optim_args_as_a_mapping(ric, utils, tmp_path):
         inner = getattr(optimizer, "optimizer", optimizer)
         assert inner.defaults["amsgrad"] is True and inner.defaults["rounding_seed"] == 7
         assert inner.defaults["acceleration_mode"] == "win2" and inner.defaults["lr"] == 0.003
+    # the file's values come over the offline default's (lr 2e-3) and under the command line's
+    assert ric.parse_arguments([str(path), "--learning_rate", "0.004"])[3].learning_rate == 0.004
 
 
 @pytest.mark.slow
