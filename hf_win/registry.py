@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import torch
-from torch.optim.optimizer import required
 
 from .optim import LAMB, SGD, AdafactorWin, Adam, AdamW, Adan, MuonWin, NAdamWin, RAdamWin, Win
 
@@ -82,37 +81,3 @@ def create_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
         )
     return spec.cls(params, **kwargs)
 
-
-def markdown_table() -> str:
-    """The README's optimizer table, generated from the registry (a test keeps the README in sync)."""
-    rows = [
-        "| `--optim` name | class (alias) | defaults | state buffers per parameter: none / win / win2 | "
-        "bytes per parameter, fp32 state: none / win / win2 | bytes per parameter, `state_dtype=bfloat16`: none / win / win2 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for spec in OPTIMIZERS.values():
-        hp = spec.hyperparameters
-        # the same for every optimizer: in the text around the table
-        common = ("reckless_steps", "acceleration_mode", "foreach", "fused", "maximize", "capturable", "differentiable",
-                  "state_dtype", "bf16_stochastic_round", "rounding_seed")
-        shown = {k: v for k, v in hp.items() if k not in common}
-        defaults = ", ".join(
-            f"{k}={'required' if v is inspect.Parameter.empty or v is None or v is required else v}"
-            for k, v in shown.items()
-        )
-        hyper = {k: v for k, v in hp.items() if v is not inspect.Parameter.empty}
-        buffers = [spec.cls.buffers_per_parameter(m, **hyper) for m in ("none", "win", "win2")]
-        if spec.wraps_base:  # the base keeps its state in the parameter's dtype (for matrix parameters)
-            nbytes = {"float32": [spec.cls.state_bytes_per_parameter(m, torch.float32) for m in ("none", "win", "win2")],
-                      "bfloat16": ["-"] * 3}
-            name = f"`{spec.cls.__name__}` (`Win({spec.cls.base_name})`)"
-        else:
-            nbytes = {d: [spec.cls.state_bytes_per_parameter(m, torch.float32, **dict(hyper, state_dtype=d))
-                          for m in ("none", "win", "win2")] for d in ("float32", "bfloat16")}
-            name = f"`{spec.cls.__name__}` (`{spec.cls.__name__}_Win`)"
-        rows.append(
-            f"| `{spec.name}` | {name} | {defaults} | "
-            f"{' / '.join(map(str, buffers))} | {' / '.join(map(str, nbytes['float32']))} | "
-            f"{' / '.join(map(str, nbytes['bfloat16']))} |"
-        )
-    return "\n".join(rows)
