@@ -151,5 +151,5 @@ def test_bad_arguments_are_refused(conv):
         conv.main(["--quick", "--optimizers", "adamw"])
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
-        conv.main(["--quick", "--backend", "trainer+registry"])  # the stand-in backend is gone
+        conv.main(["--quick", "--backend", "trainer+registry"])  # every run goes through WinTrainer: no --backend
     assert e.value.code == 2
