@@ -34,7 +34,7 @@ def pass_group(group: dict, fused: Optional[bool]) -> dict:
 class WinPass:
     """The ``kernels.Steppable`` of the wrapper's acceleration (no state of its own)."""
 
-    def step_arrays(self, group: dict) -> list:
+    def step_array_names(self, group: dict) -> list:
         return ["param", "before", *extra_state_keys(group["acceleration_mode"])]
 
     def step_tensors(self, ops, group, params, grads, states, steps, clip) -> None:
