@@ -119,3 +119,77 @@ def test_state_creation_at_lr_zero_moves_no_parameter(name, mode, fused):
         after_one = [p.detach().clone() for p in model.parameters()]
         opt.step()
         assert any(not torch.equal(a, p) for a, p in zip(after_one, model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The example scripts resume from Accelerate's FSDP2 sharded checkpoints (SHARDED_STATE_DICT, written with
+# DCP), launched as users do: accelerate launch --config_file configs/accelerate/fsdp2.yaml, 2 CPU processes.
+# Accelerate takes its FSDP path only for GPU-type processes; the test-only launcher fsdp_on_cpu.py lets it
+# take the same path on CPU processes (see trainer_worker.allow_fsdp_on_cpu).
+
+EXAMPLES = launch.ROOT / "examples" / "image_classification"
+TINY_VIT = "image_size=16,patch_size=8,hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32"
+# 24 training images, 8 per step: 3 steps per epoch. The Trainer script resumes at an epoch boundary (its
+# mid-epoch resume under 2 processes is not bitwise even under DDP: the data order, not the optimizer).
+SCRIPTS = {
+    "no_trainer": ("run_image_classification_no_trainer.py", "step_{}", 2, 4,
+                   ["--checkpointing_steps", "2", "--cpu", "true"]),
+    "trainer": ("run_image_classification.py", "checkpoint-{}", 3, 5,
+                ["--save_strategy", "steps", "--save_steps", "3", "--use_cpu", "true", "--report_to", "none",
+                 "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--horizontal_flip_prob", "0",
+                 "--random_resized_crop_scale", "1", "1", "--random_resized_crop_ratio", "1", "1"]),
+}
+
+
+def _fsdp2_launch(script, out, *args):
+    cmd = launch.accelerate_launch("fsdp_on_cpu.py", str(EXAMPLES / script), *args)
+    cmd[cmd.index("--multi_gpu")] = "--config_file"  # the config's own distributed_type (FSDP), version 2
+    cmd.insert(cmd.index("--config_file") + 1, str(launch.ROOT / "configs" / "accelerate" / "fsdp2.yaml"))
+    return launch.run(cmd, timeout=240)
+
+
+def _dcp_flat(folder) -> dict:
+    """A DCP checkpoint folder as one flat {key: value} dict (through a torch.save file)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = folder.parent / f"{folder.name}.pt"
+    dcp_to_torch_save(str(folder), str(target))
+
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{pre}{k}/"))
+            else:
+                out[f"{pre}{k}"] = repr(v) if isinstance(v, list) else v
+        return out
+
+    return flat(torch.load(target, weights_only=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", sorted(SCRIPTS))
+def test_example_resumes_from_accelerate_fsdp2_sharded_checkpoint(which, image_folder, tmp_path):
+    script, ckpt, at, steps, extra = SCRIPTS[which]
+    common_args = ["--train_dir", str(image_folder / "train"), "--validation_dir", str(image_folder / "validation"),
+                   "--config_overrides", TINY_VIT, "--learning_rate", "1e-2", "--per_device_train_batch_size", "4",
+                   "--max_train_steps" if which == "no_trainer" else "--max_steps", str(steps),
+                   "--optim", "adamw_win", "--acceleration_mode", "win2", *extra]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _fsdp2_launch(script, whole, *common_args, "--output_dir", str(whole))
+    saved = whole / ckpt.format(at)
+    # Accelerate's FSDP SHARDED_STATE_DICT (only an FSDP run writes these): DCP folders, one file per process
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (saved / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    _fsdp2_launch(script, resumed, *common_args, "--output_dir", str(resumed), "--resume_from_checkpoint", str(saved))
+    end = ckpt.format(steps)
+    model_a, model_b = (_dcp_flat(d / end / "pytorch_model_fsdp_0") for d in (whole, resumed))
+    optim_a, optim_b = (_dcp_flat(d / end / "optimizer_0") for d in (whole, resumed))
+    assert any(k.endswith("/y") for k in optim_a)  # Win2's sequences are in the sharded checkpoint
+    for a, b in ((model_a, model_b), (optim_a, optim_b)):
+        assert a.keys() == b.keys()
+        different = [k for k in a if not (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k])]
+        assert not different, f"{which}: resumed differs from uninterrupted in {different[:5]}"
+    at_start = _dcp_flat(saved / "pytorch_model_fsdp_0")
+    assert common.max_abs_diff({k: v for k, v in at_start.items() if torch.is_tensor(v)},
+                               {k: v for k, v in model_a.items() if torch.is_tensor(v)}) > 1e-3  # it trained on
