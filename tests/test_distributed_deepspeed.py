@@ -69,3 +69,41 @@ def test_lamb_trust_ratio_refused_at_start_under_zero(ds_results, stage):
     # raised by WinTrainer when it builds the optimizer (names the stage), before any training step
     assert msg.startswith("ShardingError") and f"ZeRO stage {stage[-1]}" in msg
     assert "trust ratio" in msg and "FSDP2" in msg and "adamw_win" in msg
+
+
+# ZeRO-Offload (configs/deepspeed/zero{2,3}_offload.json: "offload_optimizer": {"device": "cpu"} and
+# "zero_force_ds_cpu_optimizer": false, which lets DeepSpeed step a client optimizer on the offloaded fp32
+# partitions). DeepSpeed's CPU accelerator runs it on CPU processes. AdamW (the common case) and Adan (the
+# most state, and a step count kept in the param group) keep the CI run short.
+OFFLOAD = ("zero2_offload", "zero3_offload")
+OFFLOAD_NAMES = ["adamw_win", "adan_win"]
+
+
+@pytest.fixture(scope="module")
+def offload_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("offload") / "offload.pt"
+    launch.run(launch.torchrun("trainer_worker.py", str(out), ",".join(OFFLOAD), ",".join(OFFLOAD_NAMES)), timeout=420)
+    return torch.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", OFFLOAD)
+@pytest.mark.parametrize("name,mode", common.combos(OFFLOAD_NAMES))
+def test_zero_offload_steps_on_the_c_kernel_and_matches_one_process(offload_results, stage, name, mode):
+    info = offload_results["info"][f"{stage}/{name}/{mode}"]
+    assert info["offload"], f"{stage}: DeepSpeed did not offload the optimizer ({info})"
+    assert info["step_path"] == "c kernel" and info["state_devices"] == ["cpu"], info
+    diff = common.max_abs_diff(common.trainer_reference(name, mode), offload_results["params"][f"{stage}/{name}/{mode}"])
+    assert diff < ATOL, f"{stage} {name}/{mode} differs from one process by {diff:.3e}"
+    full = common.param_count() * 4 * common.buffers(name, mode)
+    assert offload_results["state_bytes"][f"{stage}/{name}/{mode}"] * 2 == full
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", OFFLOAD)
+def test_resume_from_zero_offload_checkpoint_continues_exactly(offload_results, stage):
+    name, mode = ("adan_win", "win2") if stage == "zero3_offload" else ("adamw_win", "win")
+    resumed = offload_results["params"][f"{stage}/resume/{name}/{mode}"]
+    uninterrupted = offload_results["params"][f"{stage}/{name}/{mode}"]
+    for n in uninterrupted:
+        assert torch.equal(resumed[n], uninterrupted[n]), f"{stage}: {n} differs after resuming from checkpoint-2"

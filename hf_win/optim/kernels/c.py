@@ -61,9 +61,13 @@ static inline uint16_t bf16_sround(float f, uint32_t r) {
 static inline uint32_t fmix32(uint32_t h) {
     h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16; return h;
 }
-static inline uint32_t rbits(uint32_t key, int64_t g) {
-    return fmix32(((uint32_t)g + key) ^ ((uint32_t)((uint64_t)g >> 32) * 0x165667b1u));
-}
+/* The random bits of element g: fmix32((lo32(g) + key) ^ hi32(g)*0x165667b1). A stage computes them as
+   fmix32((low + (uint32_t)i) ^ high) with low = lo32(base) + key and high = hi32(base)*0x165667b1 set once
+   (sr_low / sr_high): the same bits, since a stage's elements base..base+n-1 lie in one chunk (base a
+   multiple of CHUNK, which divides 2^32, and n <= CHUNK), so hi32 is constant and lo32(base + i) =
+   lo32(base) + i. The loop then holds only 32-bit integer arithmetic, which vectorises at full width. */
+static inline uint32_t sr_low(uint32_t key, int64_t base) { return (uint32_t)base + key; }
+static inline uint32_t sr_high(int64_t base) { return (uint32_t)((uint64_t)base >> 32) * 0x165667b1u; }
 """
 
 
@@ -127,15 +131,21 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
         for a, vid in st.stores:
             et = ELEMENT_TYPES[dtypes[a]]
             if et == "uint16_t":
-                val = (f"bf16_sround((float)v{vid}, rbits(key{a}, base + i))" if rounding[a]
+                val = (f"bf16_sround((float)v{vid}, fmix32((low{a} + (uint32_t)i) ^ high))" if rounding[a]
                        else f"bf16_round((float)v{vid})")
             else:
                 val = f"({et})v{vid}"
             body.append(f"a{a}[i] = {val};")
         signature = f"static void stage{si}(const int64_t n, {', '.join(params)})"
+        rounded = [a for a, _ in st.stores if rounding[a]]
+        if rounded:
+            signature += " {\n    const uint32_t high = sr_high(base);\n" + "".join(
+                f"    const uint32_t low{a} = sr_low(key{a}, base);\n" for a in rounded) + "   "
+        else:
+            signature += " {\n   "
         if not st.reductions:
             inner = "\n".join(f"        {b}" for b in body)
-            out.append(f"{signature} {{\n    for (int64_t i = 0; i < n; i++) {{\n{inner}\n    }}\n}}")
+            out.append(f"{signature} for (int64_t i = 0; i < n; i++) {{\n{inner}\n    }}\n}}")
             continue
         # A sum is not vectorised without reassociation (no fast-math here), and a loop holding one is
         # not vectorised at all. So each of LANES accumulators sums every LANES-th element: the inner
@@ -146,7 +156,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
         accs = "".join(f"    {ct} acc{r}[LANES] = {{0}};\n" for r, _ in st.reductions)
         outs = "".join(f"    {{ double s = 0.0; for (int l = 0; l < LANES; l++) s += acc{r}[l]; part[{r}] = s; }}\n"
                        for r, _ in st.reductions)
-        out.append(f"{signature} {{\n{accs}    int64_t i0 = 0;\n"
+        out.append(f"{signature} \n{accs}    int64_t i0 = 0;\n"
                    f"    for (; i0 + LANES <= n; i0 += LANES) {{\n"
                    f"        for (int l = 0; l < LANES; l++) {{\n            const int64_t i = i0 + l;\n{lanes}\n        }}\n"
                    f"    }}\n    for (int64_t i = i0; i < n; i++) {{\n{tail}\n    }}\n{outs}}}")
