@@ -18,7 +18,7 @@ from transformers.trainer_callback import ExportableState, TrainerCallback
 from ._compat import CheckpointNamesMixin, OptimizerResumeLogMixin, model_card_hyperparameters
 from .optim import WinOptimizer, check_partitioned
 from .registry import get_optimizer_spec
-from .optim._base import state_element_size
+from .optim._precision import state_element_size
 from .training_args import is_win_optimizer, win_optimizer_kwargs
 
 __all__ = ["WinTrainer", "get_optimizer_cls_and_kwargs", "optimizer_state_bytes", "win_settings", "WinSettingsCallback"]

@@ -123,9 +123,8 @@ def test_threads_build_a_key_once():
 def test_concurrent_processes_share_one_complete_file(tmp_path):
     _need_cc()
     script = (
-        "import importlib.util, json, sys\n"
-        f"spec = importlib.util.spec_from_file_location('kc', {cache.__file__!r})\n"
-        "kc = importlib.util.module_from_spec(spec); spec.loader.exec_module(kc)\n"
+        "import json\n"
+        "from hf_win.optim.kernels import cache as kc\n"
         f"lib = kc.load_or_build({SRC!r}, {ENTRY!r}, {FLAGS!r})\n"
         "print(json.dumps([lib.hf_win_probe(), kc.counters()]))\n"
     )

@@ -416,13 +416,13 @@ def test_cc_with_arguments_builds(monkeypatch):
 def test_triton_block_table_addresses_tensors_past_2_31_elements():
     """Offsets are int64 end to end: the block table of a tensor of 2^31 + 5 elements reaches its end
     (the kernel adds ``tl.arange`` to these int64 starts)."""
-    from hf_win.optim.kernels import ir
+    from hf_win.optim.kernels import tracing
     from hf_win.optim.kernels.triton import BLOCK, TritonKernel
 
     p = torch.nn.Parameter(torch.randn(4))
     opt = hf_win.AdamW([p])
     group = opt.param_groups[0]
-    traced = ir.trace(opt._step_fn, group, opt._arrays(group), 1, None)
+    traced = tracing.trace(opt, group, opt.step_arrays(group), 1, None)
     kernel = TritonKernel(traced.prog, [torch.float32] * 5, [False] * 5)
     n = 2**31 + 5
     bt, bs, first, numel, n_blocks = kernel._blocks([n, 3], "cpu")

@@ -367,11 +367,11 @@ def test_the_command_line_reaches_the_optimizer():
 
 @pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True)], ids=["per-tensor", "foreach"])
 def test_rounding_in_chunks_is_bitwise_the_same(monkeypatch, path):
-    from hf_win.optim import _base
+    from hf_win.optim import _rounding
 
     init, grads = _problem(steps=3)
     whole = _tensors(*reversed(_run(hf_win.AdamW, "win2", init, grads, **LOW, **path)))
-    monkeypatch.setattr(_base, "_SR_CHUNK", 100)  # every tensor in several chunks, the last one partial
+    monkeypatch.setattr(_rounding, "SR_CHUNK", 100)  # every tensor in several chunks, the last one partial
     chunked = _tensors(*reversed(_run(hf_win.AdamW, "win2", init, grads, **LOW, **path)))
     assert all(torch.equal(x, y) for x, y in zip(whole, chunked))
 

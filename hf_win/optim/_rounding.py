@@ -6,31 +6,43 @@ average (torchao's ``bf16_stochastic_round``). The bits are not drawn from a gen
 counter, so every path (per-tensor, foreach, the C and Triton kernels) rounds an element the same way,
 and a run resumed from a checkpoint rounds exactly as the uninterrupted run:
 
-    stream(seed, step, array)  = seed*0x9E3779B1 + step*0x85EBCA77 + array*0x27D4EB2F      (mod 2^32)
-    key(stream, tensor)        = fmix32(stream + tensor*0xC2B2AE3D)                        (mod 2^32)
-    bits(key, i)               = fmix32((lo32(i) + key) xor hi32(i)*0x165667B1)            (mod 2^32)
+    stream(seed, step, array)  = seed*S_SEED + step*S_STEP + array*S_ARRAY      (mod 2^32)
+    key(stream, tensor)        = fmix32(stream + tensor*S_TENSOR)               (mod 2^32)
+    bits(key, i)               = fmix32((lo32(i) + key) xor hi32(i)*S_HIGH)     (mod 2^32)
 
 ``seed`` is the param group's ``rounding_seed`` (saved in the state dict with the group), ``step`` the
 parameter's step count, ``array`` the buffer's position in ``["param", "grad", *state keys]``, ``tensor``
 the parameter's position among all the optimizer's parameters and ``i`` the element's offset in memory;
-``fmix32`` is MurmurHash3's finaliser. The random 16 bits are ``bits >> 16``. NaN is stored as the
-canonical bfloat16 NaN.
+``fmix32`` is MurmurHash3's finaliser (multipliers ``FMIX_1``, ``FMIX_2``). The random 16 bits are
+``bits >> 16``. NaN is stored as the canonical bfloat16 NaN (``BF16_NAN``).
+
+The constants below are the only spelling of the hash: the C and Triton emitters print them into their
+sources from here, and ``fmix32``/``random_bits`` serve both Python ints and int64 tensors.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 M32 = 0xFFFFFFFF
 S_SEED, S_STEP, S_TENSOR, S_ARRAY, S_HIGH = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1
+FMIX_1, FMIX_2 = 0x85EBCA6B, 0xC2B2AE35
+BF16_NAN = 0x7FC0
+
+#: Elements rounded stochastically at a time on the eager paths (bounds the rounding's temporaries:
+#: ~40 bytes of int64 per element).
+SR_CHUNK = 1 << 16
 
 
-def fmix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & M32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & M32
+def fmix32(h):
+    """MurmurHash3's 32-bit finaliser of a Python int or an int64 tensor (values in [0, 2^32))."""
+    h = h ^ (h >> 16)
+    h = (h * FMIX_1) & M32
+    h = h ^ (h >> 13)
+    h = (h * FMIX_2) & M32
     return h ^ (h >> 16)
 
 
@@ -42,18 +54,10 @@ def tensor_key(stream_value: int, tensor: int) -> int:
     return fmix32((stream_value + int(tensor) * S_TENSOR) & M32)
 
 
-def _fmix32_t(h: Tensor) -> Tensor:
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & M32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & M32
-    return h ^ (h >> 16)
-
-
 def random_bits(key: int, offsets: Tensor) -> Tensor:
     """32 random bits (int64 tensor) for the elements at memory ``offsets`` (int64)."""
     lo, hi = offsets & M32, offsets >> 32
-    return _fmix32_t(((lo + key) & M32) ^ ((hi * S_HIGH) & M32))
+    return fmix32(((lo + key) & M32) ^ ((hi * S_HIGH) & M32))
 
 
 def is_dense(t: Tensor) -> bool:
@@ -80,5 +84,32 @@ def to_bf16(src: Tensor, key: int = None, offsets: Tensor = None) -> Tensor:
     bits = src.float().view(torch.int32).to(torch.int64) & M32
     r = random_bits(key, offsets) >> 16
     high = ((bits + r) >> 16) & 0xFFFF
-    high = torch.where(src != src, torch.full_like(high, 0x7FC0), high)
+    high = torch.where(src != src, torch.full_like(high, BF16_NAN), high)
     return ((high ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16)
+
+
+def write_back(dst: Tensor, src: Tensor, key: Optional[int]) -> None:
+    """Store ``src`` (a result in the compute dtype) into ``dst``: rounded stochastically with ``key`` (a
+    ``tensor_key``; bfloat16 ``dst`` only), else by ``copy_`` (round to nearest). Contiguous tensors are
+    rounded ``SR_CHUNK`` elements at a time."""
+    if key is None:
+        dst.copy_(src)
+    elif dst.is_contiguous() and src.is_contiguous():
+        d, s = dst.view(-1), src.view(-1)
+        for lo in range(0, d.numel(), SR_CHUNK):
+            hi = min(lo + SR_CHUNK, d.numel())
+            offsets = torch.arange(lo, hi, device=d.device, dtype=torch.int64)
+            d[lo:hi].copy_(to_bf16(s[lo:hi], key, offsets))
+    else:
+        dst.copy_(to_bf16(src, key, memory_offsets(dst)))
+
+
+def write_back_arrays(arrays: Sequence[Tensor], results: Sequence[Tensor], stochastic: Sequence[bool],
+                      seed: int, step: int, tensor: int) -> None:
+    """Store one parameter's results (``results[a]``, computed in the compute dtype) into its arrays
+    (``param``, ``grad``, the state buffers; the gradient is only read and never stored), rounding array
+    ``a`` stochastically where ``stochastic[a]`` says, with the bits of (seed, step, a, tensor)."""
+    for a, (dst, src) in enumerate(zip(arrays, results)):
+        if dst is src or a == 1:
+            continue
+        write_back(dst, src, tensor_key(stream(seed, step, a), tensor) if stochastic[a] else None)

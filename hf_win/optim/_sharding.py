@@ -25,7 +25,8 @@ from typing import Iterable
 
 from torch import Tensor
 
-__all__ = ["ShardingError", "check_partitioned", "is_dtensor", "inside_zero_redundancy_optimizer"]
+__all__ = ["ShardingError", "check_partitioned", "is_dtensor", "inside_zero_redundancy_optimizer",
+           "check_clipping_at_construction", "stepping_partitions"]
 
 CLIP_ADVICE = (
     "Set the optimizer's max_grad_norm=0 and clip where the whole gradient is known: DeepSpeed's "
@@ -95,3 +96,24 @@ def check_partitioned(optimizer, where: str = "DeepSpeed ZeRO") -> None:
                 f"under {where} its parameters are flattened partitions: each one is a slice of many layers, "
                 "so the ratio would be computed over the wrong tensors. " + LAMB_ADVICE
             )
+
+
+def check_clipping_at_construction(name: str, max_grad_norm: float) -> None:
+    """Raise :class:`ShardingError` when an optimizer that clips (``max_grad_norm > 0``) is being built by a
+    ``ZeroRedundancyOptimizer``: it would clip with the norm of this process's share of the parameters."""
+    # max_depth: one frame more than the default, for this function's own
+    if max_grad_norm > 0 and inside_zero_redundancy_optimizer(max_depth=9):
+        raise ShardingError(
+            f"{name}: max_grad_norm={max_grad_norm} inside ZeroRedundancyOptimizer would clip "
+            "with the norm of this process's share of the parameters only. " + CLIP_ADVICE
+        )
+
+
+def stepping_partitions(optimizer, registered: set) -> bool:
+    """Whether ``optimizer`` is stepping flattened partitions it was not built with (DeepSpeed ZeRO; its
+    ``registered`` parameter ids tell); then ``check_partitioned`` raises :class:`ShardingError` (before
+    any state is touched) for what would be silently wrong there."""
+    if not any(foreign_params(g["params"], registered) for g in optimizer.param_groups):
+        return False
+    check_partitioned(optimizer)
+    return True

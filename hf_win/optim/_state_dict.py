@@ -1,8 +1,9 @@
 """What ``WinOptimizer.load_state_dict`` accepts, converts and refuses (the rules are in its docstring).
 
 ``prepare`` works on a copy of the incoming state dict and raises ``ValueError`` (naming both sides)
-before the optimizer is touched; ``finish`` runs after ``torch.optim.Optimizer.load_state_dict`` and
-only creates or drops the Win sequences of a converted acceleration mode.
+before the optimizer is touched; after ``torch.optim.Optimizer.load_state_dict``, ``keep_saved_dtypes``
+gives state buffers back the dtype they were saved in and ``finish`` creates or drops the Win sequences
+of a converted acceleration mode.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._validation import check_group, normalize
 from ._win import MODES, extra_state_keys
 
 #: Top-level key of the state dicts hf_win writes: which class saved it. Optional on load (the authors'
@@ -143,10 +145,8 @@ def prepare(opt, state_dict: dict) -> Tuple[dict, List[str]]:
                         f"(the gradient clipping), this optimizer's {opt.defaults.get(k)!r} is kept"
                     )
                     g[k] = opt.defaults.get(k)
-            for k in ("betas", "reckless_steps"):
-                if isinstance(g.get(k), list):
-                    g[k] = tuple(g[k])
-            opt._validate_group(g, where=f" (param group {i} of the loaded state dict, {describe})")
+            normalize(g)
+            check_group(type(opt), g, f" (param group {i} of the loaded state dict, {describe})", opt.defaults)
     _check_states(opt, target, describe, saved_groups, states)
     out = {k: v for k, v in state_dict.items() if k != MARK}
     out["param_groups"] = saved_groups
@@ -219,3 +219,17 @@ def finish(opt) -> None:
                     st[k] = p.detach().clone(memory_format=torch.preserve_format)
                 elif k not in wanted and k in st:
                     del st[k]
+
+
+def keep_saved_dtypes(opt, state_dict: dict) -> None:
+    """After torch's load: state buffers keep the dtype they were saved in (torch casts them to the
+    parameter's dtype: bfloat16 state of float32 parameters would come back as float32, float32 state
+    of bfloat16 parameters rounded to bfloat16)."""
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in zip(saved_ids, params):
+        for key, value in state_dict["state"].get(i, {}).items():
+            live = opt.state[p].get(key)
+            if (isinstance(value, Tensor) and isinstance(live, Tensor) and value.is_floating_point()
+                    and live.dtype != value.dtype):
+                opt.state[p][key] = value.to(device=live.device, dtype=value.dtype, copy=True)

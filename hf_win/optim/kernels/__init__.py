@@ -1,11 +1,17 @@
-"""Fused optimizer steps: one traced description (``ir``), two emitters (``c`` for CPU, ``triton`` for
-CUDA), a cache that trusts nothing (``cache``). ``_base.WinOptimizer`` only asks this module for a
-kernel (``find``) and for the backend of a device (``backend_for``).
+"""Fused optimizer steps: the step traced (``tracing``) into one description (``ir``), scheduled
+(``schedule``) and printed by two emitters (``c`` for CPU, ``triton`` for CUDA); a cache that trusts
+nothing (``cache``). ``_dispatch`` only asks this module for a kernel (``find``) and for the backend of a
+device (``backend_for``).
 
-A kernel is keyed by the *structure* of the update: the optimizer class, the arrays and their dtypes,
-which arrays are stochastically rounded, whether the optimizer clips, and the non-numeric group entries
-the step reads (mode, amsgrad, nesterov, maximize, ...); within that, by the guards its trace recorded
-(``ir``). Numbers are never part of a key. At most ``$HF_WIN_MAX_KERNELS`` (default 512) kernels are built
+What ``find`` needs of an optimizer (the ``Steppable`` protocol, which ``WinOptimizer`` implements):
+``step_arrays(group)``, the names of the arrays each parameter is stepped through, and
+``step_tensors(ops, group, params, grads, states, steps, clip)``, its step over the ``_ops`` vocabulary.
+
+Kernels are shared by every instance of an optimizer class in the process. One is keyed by the class,
+the arrays and their dtypes, which arrays are stochastically rounded, the backend and whether the
+optimizer clips; within that, by what its trace read (``tracing``: the structure of every group key and
+attribute of the optimizer the step read, and the guards of its branches). Numbers, from the group or
+from the optimizer's attributes, are never part of a key: they are inputs of every call. At most ``$HF_WIN_MAX_KERNELS`` (default 512) kernels are built
 per process; past that a group runs on foreach, with one warning. (Every C kernel is a library mapped into
 the process: some 13,000 of them exhausted Linux's default ``vm.max_map_count`` and aborted it. A
 training run needs a handful: one per optimizer structure and dtype combination, two for SGD.)
@@ -20,14 +26,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
 from .cache import KernelUnavailable
-from .ir import Unsupported, host_inputs, structure_of, trace
+from .ir import Unsupported
+from .tracing import group_structure, trace
 
-__all__ = ["BACKENDS", "backend_setting", "backend_for", "find", "launch", "Fallback", "counters", "reset", "log_once"]
+__all__ = ["BACKENDS", "Steppable", "backend_setting", "backend_for", "find", "launch", "Fallback", "counters", "reset",
+           "log_once"]
 
 logger = logging.getLogger("hf_win.kernels")
 BACKENDS = ("auto", "c", "triton", "foreach")
@@ -40,6 +48,16 @@ _COUNTS = {"kernels": 0, "traces": 0, "calls": 0}
 
 class Fallback(Exception):
     """No kernel for this call; ``str(e)`` is the reason in words."""
+
+
+class Steppable(Protocol):
+    """What ``find`` traces: an optimizer's step over lists of tensors, written with the ``_ops`` vocabulary."""
+
+    def step_arrays(self, group: dict) -> Sequence[str]:
+        """``["param", "grad", *state buffers]``: the arrays of each parameter, in order."""
+
+    def step_tensors(self, ops, group, params, grads, states, steps, clip) -> None:
+        """One step of ``params`` (``states``: one dict of buffers per parameter)."""
 
 
 def max_kernels() -> int:
@@ -108,20 +126,22 @@ def _build(backend: str, prog, dtypes, rounding):
     return TritonKernel(prog, dtypes, rounding)
 
 
-def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], rounding: List[bool],
+def find(optimizer: Steppable, group: dict, arrays: List[str], dtypes: List[torch.dtype], rounding: List[bool],
          backend: str, step: int, clip: Optional[float]):
     """``(kernel, operands)`` for one call, building the kernel at most once per structure and guards.
     Raises ``Fallback`` with the reason when there is none."""
     key = (type(optimizer), tuple(arrays), tuple(dtypes), tuple(rounding), backend, clip is not None)
     for traced, kernel in _VARIANTS.get(key, ()):
-        if traced.matches(group):
-            try:
-                operands = traced.host(host_inputs(traced, group, step, clip))
-            except ArithmeticError as e:
-                raise Fallback(f"a step scalar could not be computed ({e})") from None
-            if operands is not None:
-                return kernel, operands
-    whole = (key, tuple(sorted((k, structure_of(v)) for k, v in group.items() if k != "params")))
+        inputs = traced.inputs(group, optimizer, step, clip)
+        if inputs is None:
+            continue
+        try:
+            operands = traced.host(inputs)
+        except ArithmeticError as e:
+            raise Fallback(f"a step scalar could not be computed ({e})") from None
+        if operands is not None:
+            return kernel, operands
+    whole = (key, group_structure(group))
     with _LOCK:
         if whole in _FAILED:
             raise Fallback(_FAILED[whole])
@@ -131,7 +151,7 @@ def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], r
                     f"{_COUNTS['kernels']} kernels were built in this process, the bound "
                     f"(HF_WIN_MAX_KERNELS={max_kernels()}); further step structures run on foreach")
             _COUNTS["traces"] += 1
-            traced = trace(optimizer._step_fn, group, arrays, step, clip)
+            traced = trace(optimizer, group, arrays, step, clip)
             kernel = _build(backend, traced.prog, dtypes, rounding)
         except Unsupported as e:
             reason = f"{type(optimizer).__name__}: the step cannot be fused ({e})"
@@ -143,7 +163,7 @@ def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], r
             raise Fallback(reason) from None
         _COUNTS["kernels"] += 1
         _VARIANTS.setdefault(key, []).append((traced, kernel))
-        operands = traced.host(host_inputs(traced, group, step, clip))
+        operands = traced.host(traced.inputs(group, optimizer, step, clip))
         if operands is None:  # pragma: no cover - the trace took the branches these values take
             raise Fallback("internal: a fresh kernel's guards do not hold")
         return kernel, operands

@@ -1,6 +1,6 @@
 """The C emitter: one shared library per traced step structure, for CPU tensors.
 
-``emit`` prints the stages of ``ir.schedule`` as C: each stage is a ``restrict``-qualified loop over a
+``emit`` prints the stages of ``schedule.schedule`` as C: each stage is a ``restrict``-qualified loop over a
 chunk of one tensor (so compilers vectorise it without run-time alias checks), compiled with
 ``-O3 -march=native -ffp-contract=off`` (no FMA contraction, no fast-math: float32 results agree with the
 eager path to rounding, float64 replays the golden trajectories). ``hf_win_step`` splits every tensor into
@@ -23,13 +23,17 @@ from typing import List, Sequence
 
 import torch
 
+from .. import _rounding as R
 from . import cache
-from .ir import Program, Unsupported, compute_dtype, exact_arrays, render, schedule, spelling
+from .._precision import compute_dtype, exact_arrays
+from .ir import Program, Unsupported
+from .schedule import render, schedule, spelling
 
 __all__ = ["emit", "CKernel", "ELEMENT_TYPES"]
 
 #: Elements per chunk: the unit of work of a thread and of a partial sum.
 CHUNK = 16384
+assert (1 << 32) % CHUNK == 0, "the stochastic-rounding bits rely on no chunk crossing a multiple of 2**32"
 #: Accumulators of a sum in a chunk (each sums every LANES-th element; see ``emit``).
 LANES = 16
 ELEMENT_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
@@ -46,28 +50,31 @@ _PRELUDE = r"""
 #include <omp.h>
 #endif
 static inline float bf16_load(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t bf16_round(float f) {
+"""
+# The rounding and its counter-based bits, with the constants of _rounding.py (their only spelling).
+_PRELUDE += f"""
+static inline uint16_t bf16_round(float f) {{
     uint32_t u; memcpy(&u, &f, 4);
-    if (f != f) return 0x7fc0;
+    if (f != f) return {R.BF16_NAN:#x};
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
-}
-static inline uint16_t bf16_sround(float f, uint32_t r) {
+}}
+static inline uint16_t bf16_sround(float f, uint32_t r) {{
     uint32_t u; memcpy(&u, &f, 4);
-    if (f != f) return 0x7fc0;
+    if (f != f) return {R.BF16_NAN:#x};
     u += r >> 16;
     return (uint16_t)(u >> 16);
-}
-static inline uint32_t fmix32(uint32_t h) {
-    h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16; return h;
-}
-/* The random bits of element g: fmix32((lo32(g) + key) ^ hi32(g)*0x165667b1). A stage computes them as
-   fmix32((low + (uint32_t)i) ^ high) with low = lo32(base) + key and high = hi32(base)*0x165667b1 set once
+}}
+static inline uint32_t fmix32(uint32_t h) {{
+    h ^= h >> 16; h *= {R.FMIX_1:#x}u; h ^= h >> 13; h *= {R.FMIX_2:#x}u; h ^= h >> 16; return h;
+}}
+/* The random bits of element g: fmix32((lo32(g) + key) ^ hi32(g)*S_HIGH). A stage computes them as
+   fmix32((low + (uint32_t)i) ^ high) with low = lo32(base) + key and high = hi32(base)*S_HIGH set once
    (sr_low / sr_high): the same bits, since a stage's elements base..base+n-1 lie in one chunk (base a
    multiple of CHUNK, which divides 2^32, and n <= CHUNK), so hi32 is constant and lo32(base + i) =
    lo32(base) + i. The loop then holds only 32-bit integer arithmetic, which vectorises at full width. */
-static inline uint32_t sr_low(uint32_t key, int64_t base) { return (uint32_t)base + key; }
-static inline uint32_t sr_high(int64_t base) { return (uint32_t)((uint64_t)base >> 32) * 0x165667b1u; }
+static inline uint32_t sr_low(uint32_t key, int64_t base) {{ return (uint32_t)base + key; }}
+static inline uint32_t sr_high(int64_t base) {{ return (uint32_t)((uint64_t)base >> 32) * {R.S_HIGH:#x}u; }}
 """
 
 
@@ -168,7 +175,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
         args += [f"k{i}" for i in range(K)]
         args += [f"T{j}" for j in st.tscalars]
         stored = {s for s, _ in st.stores}
-        args += [f"fmix32(pre{a} + (uint32_t)(uint64_t)keys[j] * 0xc2b2ae3du)" for a in sr_arrays if a in stored]
+        args += [f"fmix32(pre{a} + (uint32_t)(uint64_t)keys[j] * {R.S_TENSOR:#x}u)" for a in sr_arrays if a in stored]
         args += ["lo", "partial + c * NRED"] if st.reductions else ["lo"]
         tdefs = "".join(f"            const double T{j} = {_tscalar(prog, j)};\n" for j in st.tscalars)
         combine = ""

@@ -1,4 +1,4 @@
-"""The Triton emitter: the same traced step (``ir.schedule``) as Triton kernels, for CUDA tensors.
+"""The Triton emitter: the same traced step (``schedule.schedule``) as Triton kernels, for CUDA tensors.
 
 One launch per stage over every tensor of a call: a table of data pointers (int64, cast to typed
 pointers in the kernel) and a table of blocks (tensor index, start offset), so a param group's step is one
@@ -29,7 +29,10 @@ import torch
 import triton  # noqa: F401
 import triton.language as tl  # noqa: F401
 
-from .ir import Program, Unsupported, compute_dtype, exact_arrays, render, schedule, spelling
+from .. import _rounding as R
+from .._precision import compute_dtype, exact_arrays
+from .ir import Program, Unsupported
+from .schedule import render, schedule, spelling
 
 __all__ = ["emit", "TritonKernel"]
 
@@ -37,7 +40,7 @@ BLOCK = 1024
 NUM_WARPS = 4
 _TYPES = {torch.float32: "tl.float32", torch.float64: "tl.float64", torch.bfloat16: "tl.uint16",
           torch.float16: "tl.float16"}
-_M = "0xFFFFFFFF"
+_M = f"{R.M32:#x}"
 
 
 def _interpreting() -> bool:
@@ -81,8 +84,8 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
     sr_arrays = [a for a in range(A) if rounding[a]]
     lines = ["import triton", "import triton.language as tl", "",
              "@triton.jit", "def _fmix32(h):",
-             "    h = h ^ (h >> 16)", f"    h = (h * 0x85EBCA6B) & {_M}", "    h = h ^ (h >> 13)",
-             f"    h = (h * 0xC2B2AE35) & {_M}", "    return h ^ (h >> 16)", ""]
+             "    h = h ^ (h >> 16)", f"    h = (h * {R.FMIX_1:#x}) & {_M}", "    h = h ^ (h >> 13)",
+             f"    h = (h * {R.FMIX_2:#x}) & {_M}", "    return h ^ (h >> 16)", ""]
     for si, st in enumerate(schedule(prog, exact_arrays(dtypes))):
         stored = {a for a, _ in st.stores}
         body = ["@triton.jit",
@@ -116,12 +119,12 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
                 if rounding[a]:
                     q = sr_arrays.index(a)
                     body += [f"    key{a} = _fmix32((tl.load(SC + {K + q}).to(tl.int64) + "
-                             f"tl.load(KEYS + j) * 0xC2B2AE3D) & {_M})",
-                             f"    rb{a} = _fmix32((((offs & {_M}) + key{a}) & {_M}) ^ (((offs >> 32) * 0x165667B1) & {_M}))",
+                             f"tl.load(KEYS + j) * {R.S_TENSOR:#x}) & {_M})",
+                             f"    rb{a} = _fmix32((((offs & {_M}) + key{a}) & {_M}) ^ (((offs >> 32) * {R.S_HIGH:#x}) & {_M}))",
                              f"    h{a} = ((u{a} + (rb{a} >> 16)) >> 16) & 0xFFFF"]
                 else:
                     body.append(f"    h{a} = ((u{a} + 0x7FFF + ((u{a} >> 16) & 1)) >> 16) & 0xFFFF")
-                body.append(f"    h{a} = tl.where(v{vid} != v{vid}, 0x7FC0, h{a})")
+                body.append(f"    h{a} = tl.where(v{vid} != v{vid}, {R.BF16_NAN:#x}, h{a})")
                 body.append(f"    tl.store(a{a} + offs, h{a}.to(tl.uint16), mask=mask)")
             else:
                 body.append(f"    tl.store(a{a} + offs, v{vid}.to({_TYPES[dtypes[a]]}), mask=mask)")

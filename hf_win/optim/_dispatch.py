@@ -1,0 +1,191 @@
+"""Which path steps a param group's tensors, and why; then running it. The one place that decides.
+
+``WinOptimizer.step`` calls ``decide`` for each param group (on the tensors it steps) and ``run`` with the
+``Plan`` it returns; ``WinOptimizer.step_path`` reports the plans' ``paths`` of the last step, and before the
+first step ``predict``, which is ``decide`` on the group's parameters without building a kernel.
+
+The rules, in order:
+
+1. A group asks for a kernel with ``fused=True``, and by default (``fused=None`` with ``foreach=None``);
+   ``foreach=True/False`` or ``fused=False`` ask for an eager path (``kernel_requested``).
+2. Each parameter whose tensors (parameter, gradient, state) a kernel cannot take goes to the eager path,
+   with the reason (``unfused_reason``: not one local strided storage, empty, layouts that differ).
+3. The rest is split into partitions of one device, one dtype per array and one step count; each gets the
+   backend of its device (``kernels.backend_for``) and a kernel (``kernels.find``), or falls back with the
+   reason. Every kernel is obtained before any runs, so a failure never leaves a tensor stepped twice.
+4. What is left runs on one eager call: foreach where every tensor is strided and on one device (or
+   ``foreach=True``), else one tensor at a time. Arithmetic is in the compute dtype (``_precision``),
+   results are written back by ``_rounding.write_back_arrays``.
+
+Every fallback the user did not ask for is logged once with its reason (``kernels.log_once``).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import _rounding, kernels
+from ._ops import FOREACH, PER_TENSOR
+from ._precision import compute_dtype, stochastic_arrays
+
+__all__ = ["Plan", "kernel_requested", "eager_path", "unfused_reason", "decide", "predict", "run"]
+
+
+def kernel_requested(group: dict) -> bool:
+    """Whether ``group`` asks for a kernel (``fused=True``, or ``fused=None`` with ``foreach=None``)."""
+    return bool(group.get("fused")) or (group.get("fused") is None and group.get("foreach") is None)
+
+
+def eager_path(group: dict, params) -> str:
+    """``"foreach"`` or ``"per-tensor"`` for ``params``: the group's ``foreach`` flag, else foreach wherever
+    every tensor is a strided tensor on one device."""
+    flag = group.get("foreach")
+    if flag is not None:
+        return "foreach" if flag else "per-tensor"
+    if not params:
+        return "per-tensor"
+    device = params[0].device
+    return "foreach" if all(p.layout == torch.strided and p.device == device for p in params) else "per-tensor"
+
+
+def _strides(t: Tensor) -> tuple:
+    """The strides that matter for the order of elements in memory (those of dimensions of size > 1)."""
+    return tuple(st for s, st in zip(t.shape, t.stride()) if s > 1)
+
+
+def unfused_reason(ts) -> str:
+    """Why the tensors of one parameter (param, grad, state...) cannot go to a kernel, or ''."""
+    p = ts[0]
+    if type(p) not in (Tensor, torch.nn.Parameter) or p.layout != torch.strided:
+        return f"{type(p).__name__} parameters (no single local storage) are not fused"
+    shape, device = p.shape, p.get_device()
+    if all(t.is_contiguous() and t.shape == shape and t.get_device() == device for t in ts):
+        return "" if p.numel() else "empty parameters are not fused"  # the common case, checked fast
+    if p.numel() == 0:
+        return "empty parameters are not fused"
+    for t in ts:
+        if t.device != p.device or t.shape != p.shape:
+            return "a gradient or state tensor whose device or shape differs from its parameter's is not fused"
+        if _strides(t) != _strides(p) or not _rounding.is_dense(t):
+            return ("tensors whose parameter, gradient and state differ in memory layout (e.g. channels_last "
+                    "parameters with contiguous gradients) or have gaps are not fused")
+    return ""
+
+
+class Plan:
+    """One param group's step: ``launches`` (kernel, tensor indices, scalars, device), the indices left to
+    the eager path (``eager``, run as ``eager_path``) and ``paths``, what runs in words (the kernel first,
+    then each fallback as ``"<eager path> (<reason>)"``), as ``step_path`` reports them."""
+
+    __slots__ = ("launches", "eager", "eager_path", "paths")
+
+    def __init__(self):
+        self.launches: list = []
+        self.eager: List[int] = []
+        self.eager_path = ""
+        self.paths: List[str] = []
+
+    def _fallback(self, label: str) -> None:
+        if label not in self.paths:
+            self.paths.append(label)
+
+
+def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], build: bool = True) -> Plan:
+    """The plan for ``arrays`` (per stepped parameter: param, grad, state buffers in the order of
+    ``opt.step_arrays(group)``) at ``steps``. ``build=False`` (``predict``): no kernel is built and nothing
+    logged; a partition whose backend is present counts as the kernel."""
+    plan = Plan()
+    name = type(opt).__name__
+    if kernel_requested(group):
+        names = opt.step_arrays(group)
+        clip_value = None if clip is None else float(clip)
+        parts: dict = {}
+        for i, ts in enumerate(arrays):
+            why = unfused_reason(ts)
+            if why:
+                eager = eager_path(group, [ts[0]])
+                if build:
+                    kernels.log_once(f"{name}: {why}; those tensors run on {eager}")
+                plan.eager.append(i)
+                plan._fallback(f"{eager} ({why})")
+                continue
+            parts.setdefault((ts[0].device, tuple(t.dtype for t in ts), steps[i]), []).append(i)
+        for (device, dtypes, step), idx in parts.items():
+            backend, why = kernels.backend_for(device)
+            rounding = stochastic_arrays(group, dtypes)
+            try:
+                if backend is None:
+                    raise kernels.Fallback(why)
+                if not build:
+                    missing = kernels.c_compiler_missing() if backend == "c" else ""
+                    if missing:
+                        raise kernels.Fallback(missing)
+                else:
+                    kernel, operands = kernels.find(opt, group, names, list(dtypes), rounding, backend, step,
+                                                    clip_value)
+            except kernels.Fallback as e:
+                reason, eager = str(e), eager_path(group, [arrays[i][0] for i in idx])
+                if build and kernels.backend_setting() != "foreach":  # a fallback the user did not ask for
+                    kernels.log_once(f"{reason}; the step runs on {eager} instead")
+                plan.eager.extend(idx)
+                plan.paths.append(f"{eager} ({reason})")
+                continue
+            if build:
+                seed = int(group.get("rounding_seed", 0))
+                streams = [_rounding.stream(seed, step, a) for a, on in enumerate(rounding) if on]
+                plan.launches.append((kernel, idx, list(operands) + streams, device))
+            if f"{backend} kernel" not in plan.paths:
+                plan.paths.insert(0, f"{backend} kernel")
+        plan.eager.sort()
+    else:
+        plan.eager = list(range(len(arrays)))
+    if plan.eager:
+        plan.eager_path = eager_path(group, [arrays[i][0] for i in plan.eager])
+        if not plan.paths:
+            plan.paths.append(plan.eager_path)
+    return plan
+
+
+def predict(opt, group: dict) -> List[str]:
+    """The paths ``group``'s next step will take, from its parameters alone (``step_path`` before the
+    first step)."""
+    params = group["params"]
+    plan = decide(opt, group, [[p] for p in params], [0] * len(params), None, build=False)
+    return plan.paths or [eager_path(group, params)]
+
+
+def run(opt, group: dict, plan: Plan, arrays: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
+    """Step ``arrays`` as ``plan`` says. ``pids``: each parameter's index among all the optimizer's
+    parameters (the stochastic rounding's ``tensor``)."""
+    for kernel, idx, scalars, device in plan.launches:
+        ptrs = [t.data_ptr() for i in idx for t in arrays[i]]
+        kernels.launch(kernel, ptrs, [arrays[i][0].numel() for i in idx], [pids[i] for i in idx], scalars, device)
+    if not plan.eager:
+        return
+    rest = plan.eager
+    if len(rest) != len(arrays):
+        arrays, steps, pids = [arrays[i] for i in rest], [steps[i] for i in rest], [pids[i] for i in rest]
+    if plan.eager_path == "foreach":
+        run_eager(opt, group, arrays, steps, pids, clip, FOREACH)
+    else:
+        for i in range(len(arrays)):
+            run_eager(opt, group, arrays[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip, PER_TENSOR)
+
+
+def run_eager(opt, group: dict, arrays: list, steps: list, pids: list, clip: Optional[Tensor], ops) -> None:
+    """One eager call of ``opt.step_tensors`` over ``arrays`` with ``ops`` (``FOREACH`` or ``PER_TENSOR``).
+    Low-precision tensors are upcast to the compute dtype and the results written back (stochastically
+    rounded where ``stochastic_arrays`` says)."""
+    names = opt.step_arrays(group)
+    compute = [compute_dtype([t.dtype for t in a]) for a in arrays]
+    work = [[t if t.dtype == c else t.to(c) for t in a] for a, c in zip(arrays, compute)]
+    if clip is not None:
+        clip = clip.to(arrays[0][0].device)
+    opt.step_tensors(ops, group, [w[0] for w in work], [w[1] for w in work],
+                     [dict(zip(names[2:], w[2:])) for w in work], steps, clip)
+    seed = int(group.get("rounding_seed", 0))
+    for a, w, step, pid in zip(arrays, work, steps, pids):
+        _rounding.write_back_arrays(a, w, stochastic_arrays(group, [t.dtype for t in a]), seed, step, pid)
