@@ -9,7 +9,8 @@ The rules, in order:
 1. A group asks for a kernel with ``fused=True``, and by default (``fused=None`` with ``foreach=None``);
    ``foreach=True/False`` or ``fused=False`` ask for an eager path (``kernel_requested``).
 2. Each parameter whose tensors (parameter, gradient, state) a kernel cannot take goes to the eager path,
-   with the reason (``unfused_reason``: not one local strided storage, empty, layouts that differ).
+   with the reason (``unfused_reason``: not one local strided storage, empty, layouts that differ). DTensor
+   (FSDP2) tensors sharded alike are taken as their local shards (``_sharding.local_shards``).
 3. The rest is split into partitions of one device, one dtype per array and one step count; each gets the
    backend of its device (``kernels.backend_for``) and a kernel (``kernels.find``), or falls back with the
    reason. Every kernel is obtained before any runs, so a failure never leaves a tensor stepped twice.
@@ -27,7 +28,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _rounding, kernels
+from . import _rounding, _sharding, kernels
 from ._ops import FOREACH, PER_TENSOR
 from ._precision import compute_dtype, stochastic_arrays
 
@@ -80,10 +81,11 @@ class Plan:
     the eager path (``eager``, run as ``eager_path``) and ``paths``, what runs in words (the kernel first,
     then each fallback as ``"<eager path> (<reason>)"``), as ``step_path`` reports them."""
 
-    __slots__ = ("launches", "eager", "eager_path", "paths")
+    __slots__ = ("launches", "eager", "eager_path", "paths", "local")
 
     def __init__(self):
         self.launches: list = []
+        self.local: dict = {}  # index -> the local shards a kernel steps for a DTensor parameter
         self.eager: List[int] = []
         self.eager_path = ""
         self.paths: List[str] = []
@@ -104,7 +106,12 @@ def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], 
         clip_value = None if clip is None else float(clip)
         parts: dict = {}
         for i, ts in enumerate(arrays):
-            why = unfused_reason(ts)
+            why = ""
+            if _sharding.is_dtensor(ts[0]):
+                local, why = _sharding.local_shards(ts, opt._needs_whole_tensors(group))
+                if local is not None:
+                    ts = plan.local[i] = local
+            why = why or unfused_reason(ts)
             if why:
                 eager = eager_path(group, [ts[0]])
                 if build:
@@ -161,8 +168,9 @@ def run(opt, group: dict, plan: Plan, arrays: list, steps: list, pids: list, cli
     """Step ``arrays`` as ``plan`` says. ``pids``: each parameter's index among all the optimizer's
     parameters (the stochastic rounding's ``tensor``)."""
     for kernel, idx, scalars, device in plan.launches:
-        ptrs = [t.data_ptr() for i in idx for t in arrays[i]]
-        kernels.launch(kernel, ptrs, [arrays[i][0].numel() for i in idx], [pids[i] for i in idx], scalars, device)
+        tensors = [plan.local.get(i, arrays[i]) for i in idx]
+        ptrs = [t.data_ptr() for ts in tensors for t in ts]
+        kernels.launch(kernel, ptrs, [ts[0].numel() for ts in tensors], [pids[i] for i in idx], scalars, device)
     if not plan.eager:
         return
     rest = plan.eager

@@ -6,8 +6,9 @@ For every registry optimizer in win and win2 it trains ``TinyNet`` for a few ste
 2. DDP + ``torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=<Win optimizer>)`` (each
    process keeps the state of about half of the parameters);
 3. FSDP2: ``torch.distributed.fsdp.fully_shard`` per layer on a CPU device mesh (DTensor parameters), the
-   optimizer's own clipping on. (FSDP2 through ``WinTrainer`` / Accelerate is tested in
-   ``test_distributed_fsdp2_trainer.py``.)
+   optimizer's own clipping on; and again with ``CPUOffloadPolicy`` (FSDP2's optimizer offload: the
+   sharded parameters and the step on the CPU). (FSDP2 through ``WinTrainer`` / Accelerate is tested in
+   ``test_distributed_fsdp2_trainer.py``.) The path each FSDP2 run's step took is recorded.
 Rank 0 writes the final parameters, the per-process optimizer-state bytes and the refusal message for the
 optimizer's own clipping under ZeroRedundancyOptimizer to ``argv[1]``.
 """
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
@@ -49,7 +50,7 @@ def main(out_path):
     rank, world = acc.process_index, acc.num_processes
     assert world == 2 and dist.get_backend() == "gloo", (world, dist.get_backend() if dist.is_initialized() else None)
     mesh = init_device_mesh("cpu", (world,))
-    results, memory, errors = {}, {}, {}
+    results, memory, errors, paths = {}, {}, {}, {}
     for name, mode in common.combos():
         cls = get_optimizer_spec(name).cls
         # 1. DDP, optimizer clipping on (max_grad_norm=common.CLIP: correct under DDP, the gradients are the full ones).
@@ -75,14 +76,16 @@ def main(out_path):
 
         # 3. FSDP2: fully_shard on a CPU device mesh; parameters, gradients and optimizer state are DTensor
         #    shards. Optimizer clipping on (max_grad_norm=common.CLIP): norms of DTensors are reduced over processes.
-        model = common.make_model()
-        for layer in (model.inp, model.norm, model.h1, model.h2, model.out):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in model.parameters())
-        opt = cls(common.param_groups(model), **common.optimizer_kwargs(name, mode, max_grad_norm=common.CLIP))
-        train(model, opt, rank, world)
-        results[f"fsdp2/{name}/{mode}"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        for variant, policy in (("fsdp2", {}), ("fsdp2_cpu_offload", {"offload_policy": CPUOffloadPolicy(pin_memory=False)})):
+            model = common.make_model()
+            for layer in (model.inp, model.norm, model.h1, model.h2, model.out):
+                fully_shard(layer, mesh=mesh, **policy)
+            fully_shard(model, mesh=mesh, **policy)
+            assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in model.parameters())
+            opt = cls(common.param_groups(model), **common.optimizer_kwargs(name, mode, max_grad_norm=common.CLIP))
+            train(model, opt, rank, world)
+            results[f"{variant}/{name}/{mode}"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+            paths[f"{variant}/{name}/{mode}"] = opt.step_path()
         fsdp_local = [None] * world
         dist.all_gather_object(fsdp_local, sum(v.to_local().numel() * v.element_size() for s in opt.state.values()
                                                for v in s.values() if isinstance(v, DTensor)))
@@ -99,7 +102,7 @@ def main(out_path):
         errors["zero_clip"] = str(e)
 
     if rank == 0:
-        torch.save({"params": results, "memory": memory, "errors": errors,
+        torch.save({"params": results, "memory": memory, "errors": errors, "paths": paths,
                     "n_params": sum(p.numel() for p in model.parameters())}, out_path)
     dist.barrier()
     acc.end_training()
