@@ -50,17 +50,14 @@ def test_ddp_matches_one_process(ddp_results, name, mode):
 @pytest.mark.parametrize("variant", ["fsdp2", "fsdp2_cpu_offload"])
 @pytest.mark.parametrize("name,mode", common.combos())
 def test_fsdp2_matches_one_process(ddp_results, name, mode, variant):
-    """The C kernel steps the local shards (with CPUOffloadPolicy too). LAMB's trust ratio (its decay
-    group) stays on foreach, where vector_norm / _foreach_norm of DTensor shards reduce over the processes,
-    so the ratio is that of each whole parameter; its no-decay group has no ratio and runs on the kernel."""
+    """The C kernel steps the local shards (with CPUOffloadPolicy too), LAMB included: the sums of its
+    trust ratio's norms are all-reduced between the kernel's stages, so the ratio is that of each whole
+    parameter (the 1-process answer; per-shard norms would be ~5e-4 away, see
+    test_distributed_fsdp2_trainer.py)."""
     ref = common.reference_params(name, mode, max_grad_norm=common.CLIP)
     diff = common.max_abs_diff(ref, ddp_results["params"][f"{variant}/{name}/{mode}"])
     assert diff < ATOL, f"{variant} {name}/{mode} differs from one process by {diff:.3e}"
-    path = ddp_results["paths"][f"{variant}/{name}/{mode}"]
-    if name == "lamb_win":
-        assert path.startswith("foreach (") and "trust ratio" in path and path.endswith(" / c kernel"), path
-    else:
-        assert path == "c kernel", path
+    assert ddp_results["paths"][f"{variant}/{name}/{mode}"] == "c kernel"
 
 
 @pytest.mark.slow

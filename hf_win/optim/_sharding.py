@@ -6,8 +6,9 @@ Three ways a ``WinOptimizer`` ends up stepping something other than the model's 
   updates act on the local shard, and a norm of a ``DTensor`` (``torch.linalg.vector_norm`` and
   ``torch._foreach_norm`` alike) is reduced over all processes, so LAMB's trust ratio and the optimizer's
   own clipping see whole tensors. Nothing to refuse. A kernel steps the local shards (``local_shards``)
-  when the parameter, its gradient and its state are sharded alike and the step reads no norm of a
-  parameter (LAMB's trust ratio stays on the eager path, where DTensor norms are whole-tensor norms).
+  when the parameter, its gradient and its state are sharded alike; the per-tensor sums of a step that
+  takes norms (LAMB's trust ratio) are summed over the processes between the kernel's stages
+  (``sum_over_shards``: one all-reduce per stage for all the tensors of a kernel call).
 - **DeepSpeed ZeRO 1/2/3**: DeepSpeed replaces each param group's parameters by one *flattened fp32
   partition*: a 1-D slice of the concatenation of many layers. Element-wise updates are still right, but a
   per-"parameter" norm is the norm of a piece of many layers, and a norm over the optimizer's parameters is
@@ -55,18 +56,34 @@ def is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def local_shards(ts, needs_whole_tensors: bool):
+def local_shards(ts):
     """``(local tensors, "")`` for one parameter's DTensors (parameter, gradient, state buffers) when a
-    kernel may step them shard by shard: every one a DTensor on the same mesh with the same placements and
-    shape, and a step that reads no norm of a whole parameter; else ``(None, the reason in words)``."""
+    kernel may step them shard by shard: every one a DTensor on the same mesh with the same placements
+    (``Shard`` or ``Replicate``) and shape; else ``(None, the reason in words)``."""
     p = ts[0]
-    if needs_whole_tensors:
-        return None, ("the norms of whole sharded (DTensor) parameters (LAMB's trust ratio) are reduced over "
-                      "the processes on the eager path only")
+    if any(not (pl.is_shard() or pl.is_replicate()) for pl in p.placements):
+        return None, f"DTensor parameters placed as {p.placements} (not Shard / Replicate) are not fused"
     for t in ts[1:]:
         if not is_dtensor(t) or t.device_mesh != p.device_mesh or t.placements != p.placements or t.shape != p.shape:
             return None, "a DTensor parameter whose gradient or state is not sharded like it is not fused"
     return [t.to_local() for t in ts], ""
+
+
+def sum_over_shards(p):
+    """For a kernel stepping ``p``'s local shard: a function that sums a float64 tensor of per-tensor sums
+    (norms) in place over the processes holding the other shards (the mesh dimensions where ``p`` is
+    ``Shard``), so that a norm is the whole parameter's. One all-reduce per call, for all the tensors of
+    the call together."""
+    import torch.distributed as dist
+
+    mesh = p.device_mesh
+    groups = [mesh.get_group(d) for d, pl in enumerate(p.placements) if pl.is_shard()]
+
+    def sync(sums):
+        for group in groups:
+            dist.all_reduce(sums, group=group)
+
+    return sync
 
 
 def inside_zero_redundancy_optimizer(max_depth: int = 8) -> bool:

@@ -39,7 +39,7 @@ LANES = 16
 ELEMENT_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
           "-fPIC", "-shared", "-std=c99"]
-ABI = 3  # bump when the entry point's signature changes
+ABI = 4  # bump when the entry point's signature changes
 
 _PRELUDE = r"""
 #include <math.h>
@@ -189,6 +189,14 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
             for (int64_t c = first[j]; c < first[j + 1]; c++) s += partial[c * NRED + rs[q]];
             red[j * NRED + rs[q]] = s;
         }}
+    }}
+    if (sync) {{  /* sharded tensors: these sums over every process before the next stage reads them */
+        const int rs[] = {{{rs}}}, nq = (int)(sizeof(rs) / sizeof(rs[0]));
+        for (int64_t j = 0; j < n_tensors; j++)
+            for (int q = 0; q < nq; q++) partial[j * nq + q] = red[j * NRED + rs[q]];
+        sync(partial, n_tensors * nq);
+        for (int64_t j = 0; j < n_tensors; j++)
+            for (int q = 0; q < nq; q++) red[j * NRED + rs[q]] = partial[j * nq + q];
     }}"""
         calls.append(f"""
 #ifdef _OPENMP
@@ -206,17 +214,20 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
 int hf_win_abi(void) {{ return {ABI}; }}
 
 /* ptrs[j*{A} + a]: address of array a of tensor j; numel[j]; keys[j]: the tensor's id for stochastic
-   rounding; sc: operands (double), then one stream value per stochastically rounded array.
+   rounding; sc: operands (double), then one stream value per stochastically rounded array; sync: NULL,
+   or called after each stage that sums (norms) with those sums (count doubles), to replace them by their
+   sums over the processes that hold the other shards of the tensors.
    Returns 0, or -1 when scratch memory could not be allocated (nothing was written then). */
 int hf_win_step(int64_t n_tensors, const int64_t *ptrs, const int64_t *numel, const int64_t *keys,
-                const double *sc, int n_threads) {{
+                const double *sc, int n_threads, void (*sync)(double *, int64_t)) {{
 {kdefs}{predefs}    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_tensors + 1));
     if (!first) return -1;
     first[0] = 0;
     for (int64_t j = 0; j < n_tensors; j++) first[j + 1] = first[j] + (numel[j] + {CHUNK} - 1) / {CHUNK};
     const int64_t total = first[n_tensors];
     int64_t *owner = (int64_t *)malloc(sizeof(int64_t) * (size_t)(total > 0 ? total : 1));
-    double *partial = (double *)calloc((size_t)(total > 0 ? total : 1) * NRED, sizeof(double));
+    const int64_t slots = total > n_tensors ? total : (n_tensors > 0 ? n_tensors : 1);  /* partial sums; scratch of sync */
+    double *partial = (double *)calloc((size_t)slots * NRED, sizeof(double));
     double *red = (double *)calloc((size_t)(n_tensors > 0 ? n_tensors : 1) * NRED, sizeof(double));
     if (!owner || !partial || !red) {{ free(first); free(owner); free(partial); free(red); return -1; }}
     for (int64_t j = 0; j < n_tensors; j++)
@@ -243,6 +254,10 @@ def _cpu_id() -> str:
     return text
 
 
+#: The entry point's ``sync`` argument: ``void (*)(double *sums, int64_t count)``.
+_SYNC = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_double), ctypes.c_int64)
+
+
 class CKernel:
     """A built C kernel: ``run`` steps tensors given their data pointers."""
 
@@ -255,17 +270,27 @@ class CKernel:
             raise cache.KernelUnavailable("the cached library has another entry-point version")
         fn = self.lib.hf_win_step
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                       _SYNC]
         self.fn = fn
         self.n_arrays = len(dtypes)
 
-    def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device=None) -> None:
+    def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device=None,
+            sync=None) -> None:
         """Step ``len(numels)`` tensors: ``ptrs`` their arrays' addresses (tensor-major), ``keys`` their ids
-        for stochastic rounding, ``scalars`` the host function's operands then the rounding streams."""
+        for stochastic rounding, ``scalars`` the host function's operands then the rounding streams.
+        ``sync``: None, or a function that sums a float64 tensor in place over the processes holding the
+        other shards of these tensors, called with each stage's per-tensor sums (see ``hf_win_step``)."""
         table = (ctypes.c_int64 * len(ptrs))(*ptrs)
         n = (ctypes.c_int64 * len(numels))(*numels)
         k = (ctypes.c_int64 * len(keys))(*keys)
         sc = (ctypes.c_double * max(len(scalars), 1))(*scalars)
-        rc = self.fn(len(numels), table, n, k, sc, torch.get_num_threads())
+
+        def on_sums(values, count):
+            sync(torch.frombuffer((ctypes.c_double * count).from_address(ctypes.addressof(values.contents)),
+                                  dtype=torch.float64))
+
+        callback = _SYNC(on_sums) if sync is not None else _SYNC()
+        rc = self.fn(len(numels), table, n, k, sc, torch.get_num_threads(), callback)
         if rc != 0:
             raise MemoryError("hf_win C kernel: could not allocate its scratch tables")
