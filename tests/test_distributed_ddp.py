@@ -61,6 +61,16 @@ def test_fsdp2_matches_one_process(ddp_results, name, mode, variant):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", common.MODES)
+def test_fsdp2_lamb_on_the_triton_kernel_matches_one_process(ddp_results, mode):
+    """The Triton kernel (its interpreter on CPU) sums LAMB's norms over the processes as the C kernel does."""
+    pytest.importorskip("triton")
+    ref = common.reference_params("lamb_win", mode, max_grad_norm=common.CLIP)
+    assert common.max_abs_diff(ref, ddp_results["params"][f"fsdp2_triton/lamb_win/{mode}"]) < ATOL
+    assert ddp_results["paths"][f"fsdp2_triton/lamb_win/{mode}"] == "triton kernel"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name,mode", common.combos())
 def test_zero_redundancy_optimizer_matches_one_process(ddp_results, name, mode):
     ref = common.reference_params(name, mode, max_grad_norm=0.0)

@@ -8,11 +8,15 @@ For every registry optimizer in win and win2 it trains ``TinyNet`` for a few ste
 3. FSDP2: ``torch.distributed.fsdp.fully_shard`` per layer on a CPU device mesh (DTensor parameters), the
    optimizer's own clipping on; and again with ``CPUOffloadPolicy`` (FSDP2's optimizer offload: the
    sharded parameters and the step on the CPU). (FSDP2 through ``WinTrainer`` / Accelerate is tested in
-   ``test_distributed_fsdp2_trainer.py``.) The path each FSDP2 run's step took is recorded.
+   ``test_distributed_fsdp2_trainer.py``.) The path each FSDP2 run's step took is recorded. LAMB-Win (the
+   kernel sums its norms over the processes between stages) also runs on the Triton kernel, under Triton's
+   interpreter (``HF_WIN_FUSED_BACKEND=triton``), when triton imports.
 Rank 0 writes the final parameters, the per-process optimizer-state bytes and the refusal message for the
 optimizer's own clipping under ZeroRedundancyOptimizer to ``argv[1]``.
 """
 
+import importlib.util
+import os
 import sys
 from datetime import timedelta
 
@@ -46,6 +50,7 @@ def train(model, opt, rank, world):
 
 def main(out_path):
     torch.set_num_threads(1)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernel on CPU tensors (fsdp2_triton)
     acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=60))])
     rank, world = acc.process_index, acc.num_processes
     assert world == 2 and dist.get_backend() == "gloo", (world, dist.get_backend() if dist.is_initialized() else None)
@@ -76,14 +81,25 @@ def main(out_path):
 
         # 3. FSDP2: fully_shard on a CPU device mesh; parameters, gradients and optimizer state are DTensor
         #    shards. Optimizer clipping on (max_grad_norm=common.CLIP): norms of DTensors are reduced over processes.
-        for variant, policy in (("fsdp2", {}), ("fsdp2_cpu_offload", {"offload_policy": CPUOffloadPolicy(pin_memory=False)})):
-            model = common.make_model()
-            for layer in (model.inp, model.norm, model.h1, model.h2, model.out):
-                fully_shard(layer, mesh=mesh, **policy)
-            fully_shard(model, mesh=mesh, **policy)
-            assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in model.parameters())
-            opt = cls(common.param_groups(model), **common.optimizer_kwargs(name, mode, max_grad_norm=common.CLIP))
-            train(model, opt, rank, world)
+        variants = [("fsdp2", {}), ("fsdp2_cpu_offload", {"offload_policy": CPUOffloadPolicy(pin_memory=False)})]
+        if name == "lamb_win" and importlib.util.find_spec("triton") is not None:
+            variants.append(("fsdp2_triton", {}))
+        for variant, policy in variants:
+            saved = os.environ.get("HF_WIN_FUSED_BACKEND")
+            if variant == "fsdp2_triton":
+                os.environ["HF_WIN_FUSED_BACKEND"] = "triton"
+            try:
+                model = common.make_model()
+                for layer in (model.inp, model.norm, model.h1, model.h2, model.out):
+                    fully_shard(layer, mesh=mesh, **policy)
+                fully_shard(model, mesh=mesh, **policy)
+                assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in model.parameters())
+                opt = cls(common.param_groups(model), **common.optimizer_kwargs(name, mode, max_grad_norm=common.CLIP))
+                train(model, opt, rank, world)
+            finally:
+                os.environ.pop("HF_WIN_FUSED_BACKEND", None)
+                if saved is not None:
+                    os.environ["HF_WIN_FUSED_BACKEND"] = saved
             results[f"{variant}/{name}/{mode}"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
             paths[f"{variant}/{name}/{mode}"] = opt.step_path()
         fsdp_local = [None] * world
