@@ -61,6 +61,17 @@ def test_fsdp2_matches_one_process(ddp_results, name, mode, variant):
 
 
 @pytest.mark.slow
+def test_fsdp2_empty_local_shard_takes_part_in_lamb_norms(ddp_results):
+    """A (1, 5) parameter over 2 processes: one holds an empty shard, and LAMB on the kernel still sums its
+    norms with the other process (a process skipping the call would hang or give per-shard ratios)."""
+    sizes = ddp_results["paths"]["uneven/local_sizes"]
+    assert sizes[1][0] == 0 and sizes[0][0] == 5, sizes
+    assert ddp_results["paths"]["uneven/fsdp2"] == "c kernel"
+    diff = common.max_abs_diff(ddp_results["params"]["uneven/one_process"], ddp_results["params"]["uneven/fsdp2"])
+    assert diff < ATOL, diff
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", common.MODES)
 def test_fsdp2_lamb_on_the_triton_kernel_matches_one_process(ddp_results, mode):
     """The Triton kernel (its interpreter on CPU) sums LAMB's norms over the processes as the C kernel does."""

@@ -33,6 +33,16 @@ import common
 from hf_win.registry import get_optimizer_spec
 
 
+class Uneven(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(1, 5))
+        self.b = torch.nn.Parameter(torch.randn(3, 4))
+
+    def forward(self):
+        return self.a.sum() * 2 + (self.a ** 2).sum() + (self.b ** 2).sum()
+
+
 def local_batches(rank, world):
     x, labels = common.make_data()
     per = common.GLOBAL_BATCH // world
@@ -107,6 +117,26 @@ def main(out_path):
                                                for v in s.values() if isinstance(v, DTensor)))
         memory[f"{name}/{mode}"] = {"ddp_per_process": ddp_bytes, "zero_per_process": zero_local,
                                     "fsdp2_per_process": fsdp_local}
+
+    # An uneven split: a (1, 5) parameter leaves rank 1 an empty local shard, which still takes part in the
+    # kernel's all-reduce of LAMB's norms (against the same model unsharded, in this process).
+    for sharded in (False, True):
+        torch.manual_seed(0)
+        model = Uneven()
+        if sharded:
+            fully_shard(model, mesh=mesh)
+        opt = get_optimizer_spec("lamb_win").cls(model.parameters(), lr=common.LR, weight_decay=common.WEIGHT_DECAY,
+                                                 acceleration_mode="win2", max_grad_norm=common.CLIP)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            model().backward()
+            opt.step()
+        key = "uneven/fsdp2" if sharded else "uneven/one_process"
+        results[key] = {n: (p.full_tensor() if sharded else p).detach().clone() for n, p in model.named_parameters()}
+        paths[key] = opt.step_path()
+    local_sizes = [None] * world
+    dist.all_gather_object(local_sizes, [p.to_local().numel() for p in model.parameters()])
+    paths["uneven/local_sizes"] = local_sizes
 
     # The optimizer's own clipping would see only this process's parameters: refused at construction.
     model = common.make_model()
