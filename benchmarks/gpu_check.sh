@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should show for the fused step (issue 11), in under 8 minutes:
+# Everything a lent GPU should show for the fused step, in under 8 minutes:
 #   1. Triton kernel against foreach on CUDA: every optimizer x mode, fp32 and bf16 params/state (PASS/FAIL)
 #   2. first fused step with an empty Triton cache, then cached (two fresh processes), ViT-B shapes
 #   3. step time on ViT-B/16's parameter shapes (86.6M, 152 tensors), every optimizer x mode

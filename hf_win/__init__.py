@@ -6,7 +6,7 @@ from .optim import (
 )
 from .registry import OPTIMIZERS, OptimizerSpec, available_optimizers, create_optimizer, get_optimizer_spec
 
-# --- Hugging Face Trainer integration (issue 3) ---
+# --- Hugging Face Trainer integration ---
 # Imported on first use: `import hf_win` for the optimizers alone does not import the Trainer stack.
 _LAZY = {
     "WinTrainer": ".trainer", "get_optimizer_cls_and_kwargs": ".trainer", "WinTrainingArguments": ".training_args",
@@ -27,7 +27,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-# --- Multi-process training (issue 5) ---
+# --- Multi-process training ---
 from .optim import ShardingError
 
 __version__ = "0.1.0"

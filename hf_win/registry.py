@@ -10,9 +10,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-import torch
-from torch.optim.optimizer import required
-
 from .optim import Adam, AdamW, Adan, LAMB, SGD, WinOptimizer
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "available_optimizers", "get_optimizer_spec", "create_optimizer"]
@@ -71,32 +68,3 @@ def create_optimizer(name: str, params, **kwargs) -> WinOptimizer:
             f"{spec.name} does not take {', '.join(unknown)}; accepted keywords: {', '.join(spec.accepted_keys)}"
         )
     return spec.cls(params, **kwargs)
-
-
-def markdown_table() -> str:
-    """The README's optimizer table, generated from the registry (a test keeps the README in sync)."""
-    rows = [
-        "| `--optim` name | class (alias) | defaults | state buffers per parameter: none / win / win2 | "
-        "bytes per parameter, fp32 state: none / win / win2 | bytes per parameter, `state_dtype=bfloat16`: none / win / win2 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for spec in OPTIMIZERS.values():
-        hp = spec.hyperparameters
-        # the same for every optimizer: in the text around the table
-        common = ("reckless_steps", "acceleration_mode", "foreach", "fused", "maximize", "capturable", "differentiable",
-                  "state_dtype", "bf16_stochastic_round", "rounding_seed")
-        shown = {k: v for k, v in hp.items() if k not in common}
-        defaults = ", ".join(
-            f"{k}={'required' if v is inspect.Parameter.empty or v is None or v is required else v}"
-            for k, v in shown.items()
-        )
-        hyper = {k: v for k, v in hp.items() if v is not inspect.Parameter.empty}
-        buffers = [spec.cls.buffers_per_parameter(m, **hyper) for m in ("none", "win", "win2")]
-        nbytes = {d: [spec.cls.state_bytes_per_parameter(m, torch.float32, **dict(hyper, state_dtype=d))
-                      for m in ("none", "win", "win2")] for d in ("float32", "bfloat16")}
-        rows.append(
-            f"| `{spec.name}` | `{spec.cls.__name__}` (`{spec.cls.__name__}_Win`) | {defaults} | "
-            f"{' / '.join(map(str, buffers))} | {' / '.join(map(str, nbytes['float32']))} | "
-            f"{' / '.join(map(str, nbytes['bfloat16']))} |"
-        )
-    return "\n".join(rows)

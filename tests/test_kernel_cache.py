@@ -146,8 +146,8 @@ def test_truncated_library_is_detected_by_hash_never_dlopened_and_rebuilt(dlopen
     cache.load_or_build(SRC, ENTRY, FLAGS)
     so, sidecar = _paths()
     size = os.path.getsize(so)
-    with open(so, "rb") as f:  # a full disk or a killed writer left half a file (the old cache then died
-        _put(so, f.read()[: size // 2])  # of SIGBUS)
+    with open(so, "rb") as f:  # a full disk or a killed writer left half a file (loading it would die of
+        _put(so, f.read()[: size // 2])  # SIGBUS)
     cache._reset_for_tests()
     del dlopened[:]
     with pytest.warns(cache.KernelCacheWarning, match=r"refusing the cached library .*hf_win_.*\.so: its SHA-256"):
@@ -334,7 +334,7 @@ def test_default_folder_is_created_private(tmp_path, monkeypatch):
 def test_cc_with_arguments_is_honoured(monkeypatch):
     _need_cc()
     cc = cache.compiler()[0][0]
-    # Compiles only if the arguments reach the compiler (the old code looked CC up as one program name).
+    # Compiles only if the arguments reach the compiler ($CC is a command line, not one program name).
     monkeypatch.setenv("CC", f"env HF_WIN_UNUSED=1 {cc} -DHF_WIN_VALUE=42")
     cache._reset_for_tests()
     argv, identity = cache.compiler()

@@ -10,17 +10,8 @@ import torch
 
 import hf_win
 from hf_win.optim import kernels
-from hf_win.optim.kernels import cache
 
-
-@pytest.fixture(autouse=True)
-def fresh_kernels(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("HF_WIN_CACHE_DIR", str(tmp_path_factory.mktemp("kernels")))
-    kernels.reset()
-    cache._reset_for_tests()
-    yield
-    kernels.reset()
-    cache._reset_for_tests()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_cache")  # each test: its own cache folder, no kernel loaded
 
 
 class Scaled(hf_win.AdamW):
@@ -124,7 +115,22 @@ class WritesItself(hf_win.AdamW):
         return super()._direction(ops, group, params, grads, states, steps)
 
 
-@pytest.mark.parametrize("cls, access", [(ReadsADict, "reads self.table"), (WritesItself, "writes self.calls")])
+class WritesTheGroup(hf_win.AdamW):
+    def _direction(self, ops, group, params, grads, states, steps):
+        group["seen"] = True
+        return super()._direction(ops, group, params, grads, states, steps)
+
+
+class CountsTheGroupsTensors(hf_win.AdamW):
+    def _direction(self, ops, group, params, grads, states, steps):
+        u = super()._direction(ops, group, params, grads, states, steps)
+        ops.mul_(u, 1.0 / len(group["params"]))
+        return u
+
+
+@pytest.mark.parametrize("cls, access", [(ReadsADict, "reads self.table"), (WritesItself, "writes self.calls"),
+                                         (WritesTheGroup, "writes group['seen']"),
+                                         (CountsTheGroupsTensors, "uses group['params']")])
 def test_what_the_trace_cannot_see_is_refused_naming_the_optimizer_and_the_access(cls, access, monkeypatch, caplog):
     monkeypatch.setenv("HF_WIN_FUSED_BACKEND", "c")
     with caplog.at_level(logging.WARNING, logger="hf_win.kernels"):
@@ -134,3 +140,15 @@ def test_what_the_trace_cannot_see_is_refused_naming_the_optimizer_and_the_acces
     path = opt.step_path()
     assert path.startswith("foreach (") and cls.__name__ in path and access in path
     assert len([r for r in caplog.records if access in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("env, flags, path", [("auto", {}, "c kernel"), ("auto", {"foreach": True}, "foreach"),
+                                              ("foreach", {}, "foreach (HF_WIN_FUSED_BACKEND=foreach)")])
+def test_the_path_reported_before_the_first_step_is_the_path_taken(env, flags, path, monkeypatch):
+    monkeypatch.setenv("HF_WIN_FUSED_BACKEND", env)
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = hf_win.AdamW([p], **flags)
+    before = opt.step_path()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert before == opt.step_path() == path

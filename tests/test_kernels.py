@@ -22,16 +22,7 @@ NAMES = hf_win.available_optimizers()
 SHAPES = [(6, 5), (7,), (1,), (3, 2, 2), (9,)]
 BACKENDS = ("c", "triton")
 
-
-@pytest.fixture(autouse=True)
-def fresh_kernels(monkeypatch, tmp_path_factory):
-    """Each test builds into its own cache folder and starts with no kernel in the process."""
-    monkeypatch.setenv("HF_WIN_CACHE_DIR", str(tmp_path_factory.mktemp("kernels")))
-    kernels.reset()
-    cache._reset_for_tests()
-    yield
-    kernels.reset()
-    cache._reset_for_tests()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_cache")  # each test: its own cache folder, no kernel loaded
 
 
 def use(monkeypatch, backend):
@@ -422,33 +413,10 @@ def test_triton_block_table_addresses_tensors_past_2_31_elements():
     p = torch.nn.Parameter(torch.randn(4))
     opt = hf_win.AdamW([p])
     group = opt.param_groups[0]
-    traced = tracing.trace(opt, group, opt.step_arrays(group), 1, None)
+    traced = tracing.trace(opt, group, opt.step_array_names(group), 1, None)
     kernel = TritonKernel(traced.prog, [torch.float32] * 5, [False] * 5)
     n = 2**31 + 5
     bt, bs, first, numel, n_blocks = kernel._blocks([n, 3], "cpu")
     assert bs.dtype == torch.int64 and n_blocks == (n + BLOCK - 1) // BLOCK + 1
     assert int(bs[n_blocks - 2]) + BLOCK >= n > int(bs[n_blocks - 2]) >= 2**31
     assert int(bt[n_blocks - 1]) == 1 and int(bs[n_blocks - 1]) == 0 and first.tolist() == [0, n_blocks - 1, n_blocks]
-
-
-def test_step_time_benchmark_writes_its_tables(tmp_path):
-    """benchmarks/step_time.py (never timed here): --quick writes its table with the path that ran, and the
-    schedule case records that OneCycleLR built no more kernels than a constant schedule."""
-    import csv
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "step_time.py"
-    spec = importlib.util.spec_from_file_location("step_time_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--quick", "--out", str(tmp_path), "--no_memory"])
-    rows = list(csv.DictReader(open(tmp_path / "step_time_tiny_cpu.csv")))
-    ours = [r for r in rows if r["optimizer"] == "adamw_win"]
-    assert ours and all(r["runs"] in ("kernel", "eager") for r in ours)
-    assert any(r["runs"] == "kernel" and r["backend"] == "c" for r in ours)
-    bench.main(["--params", "tiny", "--optimizers", "adamw_win", "--modes", "win", "--schedule", "--schedule_steps",
-                "5", "--out", str(tmp_path)])
-    sched = list(csv.DictReader(open(tmp_path / "step_time_tiny_cpu_schedule.csv")))
-    assert {r["schedule"] for r in sched} == {"constant", "OneCycleLR"}
-    assert all(r["kernels_built"] == "1;1" for r in sched)

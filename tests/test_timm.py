@@ -2,8 +2,13 @@
 
 Runs where timm (>= 1.0.12) imports; where torchvision does not import beside this torch, through the test-only
 stand-in in tests/torchvision_standin.py (timm's optimizer factory uses nothing of torchvision).
+``bash scripts/bootstrap.sh test`` installs timm for these tests in ``<venv>/timm-for-tests``, a folder of its own
+(in the venv, timm without torchvision would break accelerate's CLI), which is on the path while timm imports.
 """
 
+import contextlib
+import os
+import sys
 import types
 
 import pytest
@@ -12,7 +17,18 @@ import transformers  # noqa: F401  (imported before the stand-in exists: it must
 
 import torchvision_standin
 
-with torchvision_standin.installed():
+
+@contextlib.contextmanager
+def _timm_for_tests_on_path():
+    folder = os.path.join(sys.prefix, "timm-for-tests")
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+
+
+with torchvision_standin.installed(), _timm_for_tests_on_path():
     timm = pytest.importorskip("timm")
     timm_optim = pytest.importorskip("timm.optim")
     if not hasattr(timm_optim, "OptimInfo"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -125,3 +126,41 @@ def test_optimizer_own_clipping_is_off_and_standard_fields_map(tmp_path, name):
     assert opt.defaults["max_grad_norm"] == 0.0  # LAMB's constructor default is 1.0
     if name != "sgd_win":
         assert opt.defaults["eps"] == 1e-5
+
+
+def test_always_adapt_is_reachable_from_the_trainers_optim_args():
+    args = WinTrainingArguments(output_dir="x", report_to="none", optim="lamb_win", optim_args="always_adapt=true")
+    cls, kw = get_optimizer_cls_and_kwargs(args)
+    assert cls is hf_win.LAMB and kw["always_adapt"] is True and kw["weight_decay"] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the trust ratio is on: no warning
+        opt = cls([torch.nn.Parameter(torch.ones(2))], **kw)
+    assert opt.defaults["always_adapt"] is True
+    with pytest.raises(ValueError, match=r"capturable is not an --optim_args key"):
+        WinTrainingArguments(output_dir="x", report_to="none", optim="adamw_win", optim_args="capturable=true")
+
+
+def _lion_win():
+    """The extension example's optimizer (examples/extending/lion_win.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "extending"))
+    from lion_win import LionWin
+
+    return LionWin
+
+
+def test_lion_win_under_the_trainer(tmp_path, caplog):
+    LionWin = _lion_win()
+    model = tiny_vit()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = WinTrainingArguments(**base_args(tmp_path, max_steps=2))
+    with caplog.at_level(logging.INFO, logger="transformers.trainer"):
+        trainer = WinTrainer(model=model, args=args, train_dataset=TinyImages(n=16),
+                             optimizer_cls_and_kwargs=(LionWin, {"lr": 1e-3, "weight_decay": 0.1, "acceleration_mode": "win2"}))
+        trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert type(inner) is LionWin and trainer.win_optimizer_summary["class"] == "LionWin"
+    assert all({"exp_avg", "x", "y"} <= set(inner.state[p]) for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _dispatch, _memory, _pickling, _state_dict
+from . import _advice, _dispatch, _memory, _pickling, _state_dict
 from ._clipping import clip_coefficient
 from ._precision import state_dtype
 from ._sharding import check_clipping_at_construction, stepping_partitions
@@ -69,6 +69,7 @@ class WinOptimizer(torch.optim.Optimizer):
         )
         normalize(defaults)
         check_group(type(self), defaults)
+        _advice.check_backend_setting()
         defaults["max_grad_norm"] = float(max_grad_norm)
         check_clipping_at_construction(type(self).__name__, max_grad_norm)
         self._registered_ids = set()  # ids of the parameters given to us (see _sharding.foreign_params)
@@ -91,10 +92,16 @@ class WinOptimizer(torch.optim.Optimizer):
         normalize(param_group)
         super().add_param_group(param_group)
         self._registered_ids.update(id(p) for p in self.param_groups[-1]["params"])
+        _advice.warn_inert_rounding(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        _pickling.upgrade(self)
+        self.__dict__.setdefault("_paths_taken", {})
+        if "_registered_ids" not in self.__dict__:  # unpickled; load_state_dict() keeps the live set, so
+            # flattened partitions (DeepSpeed loads ZeRO checkpoints this way) stay recognised as such
+            self._registered_ids = {id(p) for g in self.param_groups for p in g["params"]}
+        self.__dict__.setdefault("last_load_report", None)
+        _pickling.upgrade_groups(self.defaults, self.param_groups)
 
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict:
@@ -129,12 +136,16 @@ class WinOptimizer(torch.optim.Optimizer):
           warned.
         - ``max_grad_norm`` (SGD: also ``eps``) is one value for the optimizer: a checkpoint's other value
           is replaced by this optimizer's, warned.
-        - State buffers keep the dtype they were saved in (``state_dtype``; torch would cast them to the
-          parameter's dtype).
+        - ``state_dtype``: the one this optimizer was built with, when not None: the saved buffers are
+          converted to it (rounded to nearest), warned. Built with None, the checkpoint's (torch's rule;
+          None there too: the parameter's dtype), so bfloat16 state of float32 parameters stays bfloat16
+          (torch would cast it to the parameter's dtype).
+        - ``bf16_stochastic_round`` and ``rounding_seed``: the checkpoint's (torch's rule), warned when this
+          optimizer was built with other values.
         """
         converted, notes = _state_dict.prepare(self, state_dict)
         super().load_state_dict(converted)
-        _state_dict.keep_saved_dtypes(self, converted)
+        notes += _state_dict.set_loaded_dtypes(self, converted)
         _state_dict.finish(self)
         name = _state_dict.checkpoint_name(type(self))
         modes = sorted({g["acceleration_mode"] for g in self.param_groups})
@@ -216,7 +227,7 @@ class WinOptimizer(torch.optim.Optimizer):
                 state[key] = self._new_state(p, group, like=p)
         return state
 
-    def step_arrays(self, group: dict) -> list:
+    def step_array_names(self, group: dict) -> list:
         """The names of the arrays each parameter is stepped through, in order: ``"param"``, ``"grad"``,
         then the state buffers (the base optimizer's, then the Win sequences)."""
         return ["param", "grad", *self._state_keys(group), *extra_state_keys(group["acceleration_mode"])]
@@ -240,10 +251,10 @@ class WinOptimizer(torch.optim.Optimizer):
             for state in states:
                 state["step"] = int(state.get("step", 0)) + 1
         steps = [group["step"]] * len(params) if group_step else [s["step"] for s in states]
-        keys = self.step_arrays(group)[2:]
+        keys = self.step_array_names(group)[2:]
         # Complex parameters are stepped through their real views (as torch.optim does).
-        tensors = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] if p.is_complex() else [p, g, *(s[k] for k in keys)]
-                   for p, g, s in zip(params, grads, states)]
+        tensors = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] if p.is_complex()
+                   else [p, g, *(s[k] for k in keys)] for p, g, s in zip(params, grads, states)]
         plan = _dispatch.decide(self, group, tensors, steps, clip)
         _dispatch.run(self, group, plan, tensors, steps, pids, clip)
         self._paths_taken[index] = plan.paths

@@ -97,17 +97,17 @@ class Plan:
             self.paths.append(label)
 
 
-def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], build: bool = True) -> Plan:
-    """The plan for ``arrays`` (per stepped parameter: param, grad, state buffers in the order of
-    ``opt.step_arrays(group)``) at ``steps``. ``build=False`` (``predict``): no kernel is built and nothing
+def decide(opt, group: dict, tensors: list, steps: list, clip: Optional[Tensor], build: bool = True) -> Plan:
+    """The plan for ``tensors`` (per stepped parameter: param, grad, state buffers in the order of
+    ``opt.step_array_names(group)``) at ``steps``. ``build=False`` (``predict``): no kernel is built and nothing
     logged; a partition whose backend is present counts as the kernel."""
     plan = Plan()
     name = type(opt).__name__
     if kernel_requested(group):
-        names = opt.step_arrays(group)
+        names = opt.step_array_names(group)
         clip_value = None if clip is None else float(clip)
         parts: dict = {}
-        for i, ts in enumerate(arrays):
+        for i, ts in enumerate(tensors):
             sharding = None  # (mesh, placements) of a DTensor parameter stepped on its local shards
             if _sharding.is_dtensor(ts[0]):
                 local, why = _sharding.local_shards(ts)
@@ -139,7 +139,7 @@ def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], 
                     kernel, operands = kernels.find(opt, group, names, list(dtypes), rounding, backend, step,
                                                     clip_value)
             except kernels.Fallback as e:
-                reason, eager = str(e), eager_path(group, [arrays[i][0] for i in idx])
+                reason, eager = str(e), eager_path(group, [tensors[i][0] for i in idx])
                 if build and kernels.backend_setting() != "foreach":  # a fallback the user did not ask for
                     kernels.log_once(f"{reason}; the step runs on {eager} instead")
                 plan.eager.extend(idx)
@@ -148,15 +148,15 @@ def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], 
             if build:
                 seed = int(group.get("rounding_seed", 0))
                 streams = [_rounding.stream(seed, step, a) for a, on in enumerate(rounding) if on]
-                sync = _sharding.sum_over_shards(arrays[idx[0]][0]) if sharding is not None else None
+                sync = _sharding.sum_over_shards(tensors[idx[0]][0]) if sharding is not None else None
                 plan.launches.append((kernel, idx, list(operands) + streams, device, sync))
             if f"{backend} kernel" not in plan.paths:
                 plan.paths.insert(0, f"{backend} kernel")
         plan.eager.sort()
     else:
-        plan.eager = list(range(len(arrays)))
+        plan.eager = list(range(len(tensors)))
     if plan.eager:
-        plan.eager_path = eager_path(group, [arrays[i][0] for i in plan.eager])
+        plan.eager_path = eager_path(group, [tensors[i][0] for i in plan.eager])
         if not plan.paths:
             plan.paths.append(plan.eager_path)
     return plan
@@ -170,37 +170,37 @@ def predict(opt, group: dict) -> List[str]:
     return plan.paths or [eager_path(group, params)]
 
 
-def run(opt, group: dict, plan: Plan, arrays: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
-    """Step ``arrays`` as ``plan`` says. ``pids``: each parameter's index among all the optimizer's
+def run(opt, group: dict, plan: Plan, tensors: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
+    """Step ``tensors`` as ``plan`` says. ``pids``: each parameter's index among all the optimizer's
     parameters (the stochastic rounding's ``tensor``)."""
     for kernel, idx, scalars, device, sync in plan.launches:
-        tensors = [plan.local.get(i, arrays[i]) for i in idx]
-        ptrs = [t.data_ptr() for ts in tensors for t in ts]
-        kernels.launch(kernel, ptrs, [ts[0].numel() for ts in tensors], [pids[i] for i in idx], scalars, device,
+        stepped = [plan.local.get(i, tensors[i]) for i in idx]
+        ptrs = [t.data_ptr() for ts in stepped for t in ts]
+        kernels.launch(kernel, ptrs, [ts[0].numel() for ts in stepped], [pids[i] for i in idx], scalars, device,
                        sync=sync)
     if not plan.eager:
         return
     rest = plan.eager
-    if len(rest) != len(arrays):
-        arrays, steps, pids = [arrays[i] for i in rest], [steps[i] for i in rest], [pids[i] for i in rest]
+    if len(rest) != len(tensors):
+        tensors, steps, pids = [tensors[i] for i in rest], [steps[i] for i in rest], [pids[i] for i in rest]
     if plan.eager_path == "foreach":
-        run_eager(opt, group, arrays, steps, pids, clip, FOREACH)
+        run_eager(opt, group, tensors, steps, pids, clip, FOREACH)
     else:
-        for i in range(len(arrays)):
-            run_eager(opt, group, arrays[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip, PER_TENSOR)
+        for i in range(len(tensors)):
+            run_eager(opt, group, tensors[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip, PER_TENSOR)
 
 
-def run_eager(opt, group: dict, arrays: list, steps: list, pids: list, clip: Optional[Tensor], ops) -> None:
-    """One eager call of ``opt.step_tensors`` over ``arrays`` with ``ops`` (``FOREACH`` or ``PER_TENSOR``).
+def run_eager(opt, group: dict, tensors: list, steps: list, pids: list, clip: Optional[Tensor], ops) -> None:
+    """One eager call of ``opt.step_tensors`` over ``tensors`` with ``ops`` (``FOREACH`` or ``PER_TENSOR``).
     Low-precision tensors are upcast to the compute dtype and the results written back (stochastically
     rounded where ``stochastic_arrays`` says)."""
-    names = opt.step_arrays(group)
-    compute = [compute_dtype([t.dtype for t in a]) for a in arrays]
-    work = [[t if t.dtype == c else t.to(c) for t in a] for a, c in zip(arrays, compute)]
+    names = opt.step_array_names(group)
+    compute = [compute_dtype([t.dtype for t in a]) for a in tensors]
+    work = [[t if t.dtype == c else t.to(c) for t in a] for a, c in zip(tensors, compute)]
     if clip is not None:
-        clip = clip.to(arrays[0][0].device)
+        clip = clip.to(tensors[0][0].device)
     opt.step_tensors(ops, group, [w[0] for w in work], [w[1] for w in work],
                      [dict(zip(names[2:], w[2:])) for w in work], steps, clip)
     seed = int(group.get("rounding_seed", 0))
-    for a, w, step, pid in zip(arrays, work, steps, pids):
+    for a, w, step, pid in zip(tensors, work, steps, pids):
         _rounding.write_back_arrays(a, w, stochastic_arrays(group, [t.dtype for t in a]), seed, step, pid)

@@ -92,7 +92,8 @@ def check_group(cls, group: dict, where: str = "", defaults: dict = None) -> Non
 def _check_lr(name: str, lr, where: str, constructor: bool) -> None:
     if isinstance(lr, type(required)):
         if not constructor:
-            raise ValueError(f"{name}: lr is required{where}: give lr= to the constructor or an 'lr' in every param group")
+            raise ValueError(
+                f"{name}: lr is required{where}: give lr= to the constructor or an 'lr' in every param group")
         return
     value = lr
     if isinstance(lr, Tensor):

@@ -4,7 +4,7 @@ nothing (``cache``). ``_dispatch`` only asks this module for a kernel (``find``)
 device (``backend_for``).
 
 What ``find`` needs of an optimizer (the ``Steppable`` protocol, which ``WinOptimizer`` implements):
-``step_arrays(group)``, the names of the arrays each parameter is stepped through, and
+``step_array_names(group)``, the names of the arrays each parameter is stepped through, and
 ``step_tensors(ops, group, params, grads, states, steps, clip)``, its step over the ``_ops`` vocabulary.
 
 Kernels are shared by every instance of an optimizer class in the process. One is keyed by the class,
@@ -53,7 +53,7 @@ class Fallback(Exception):
 class Steppable(Protocol):
     """What ``find`` traces: an optimizer's step over lists of tensors, written with the ``_ops`` vocabulary."""
 
-    def step_arrays(self, group: dict) -> Sequence[str]:
+    def step_array_names(self, group: dict) -> Sequence[str]:
         """``["param", "grad", *state buffers]``: the arrays of each parameter, in order."""
 
     def step_tensors(self, ops, group, params, grads, states, steps, clip) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import numbers
 import struct
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 
@@ -154,8 +154,7 @@ class Program:
     clip)`` (LAMB's trust ratio of two norms), ``("mul", t, k)``.
     """
 
-    def __init__(self, arrays: Sequence[str]):
-        self.arrays = list(arrays)
+    def __init__(self):
         self.scalars: List[tuple] = []          # scalar nodes: ("in", slot) | ("const", x) | (op, i[, j])
         self.inputs: List[str] = []             # names of the input slots, in order (tracing.Reads adds them)
         self.guards: List[tuple] = []           # (op, i, j, expected)

@@ -39,8 +39,6 @@ __all__ = ["SymOps", "TracedGroup", "Reads", "Traced", "classify", "trace", "gro
 class SymOps:
     """The ``_ops`` vocabulary (see ``hf_win/optim/_ops.py``) over symbolic elements."""
 
-    name = "traced"
-
     def __init__(self, prog: Program):
         self.p = prog
 
@@ -316,8 +314,8 @@ class Traced:
 
 def trace(owner, group: dict, arrays: Sequence[str], step: float, clip: Optional[float]) -> Traced:
     """Trace ``owner.step_tensors(ops, group, params, grads, states, steps, clip)`` for one element of each
-    of ``arrays`` (``owner.step_arrays(group)``)."""
-    prog = Program(arrays)
+    of ``arrays`` (``owner.step_array_names(group)``)."""
+    prog = Program()
     reads = Reads(prog, type(owner).__name__)
     step_s = reads.read(CALL, "step", step)
     clip_s = reads.read(CALL, "clip", clip) if clip is not None else None

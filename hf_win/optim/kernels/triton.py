@@ -18,6 +18,7 @@ Tested on CPU tensors under ``TRITON_INTERPRET=1``; works with triton 3.6 and 3.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import linecache
 import os
@@ -206,7 +207,7 @@ class TritonKernel:
         part = torch.empty(n_blocks * self.nred if self.has_reductions else 1, dtype=torch.float64, device=device)
         red = torch.empty(len(numels) * self.nred if self.has_reductions else 1, dtype=torch.float64, device=device)
         extra = {} if _interpreting() else {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
-        device_ctx = torch.cuda.device(device) if torch.device(device).type == "cuda" else _nullcontext()
+        device_ctx = torch.cuda.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
         with device_ctx:
             for fn, st in self.stages:
                 fn[(n_blocks,)](table, numel, kid, sc, bt, bs, part, red, NRED=self.nred, BLOCK=BLOCK, **extra)
@@ -218,11 +219,3 @@ class TritonKernel:
                     sums = red.view(len(numels), self.nred)[:, rs].contiguous()
                     sync(sums)
                     red.view(len(numels), self.nred)[:, rs] = sums
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
