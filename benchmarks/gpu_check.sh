@@ -5,6 +5,8 @@
 #   3. step time on ViT-B/16's parameter shapes (86.6M, 152 tensors), every optimizer x mode
 #   4. step time on a 1.3B decoder's shapes (GPT-2 style: d=2048, 24 layers, vocab 50304, context 2048,
 #      tied head: 1.32B parameters, 292 tensors; see benchmarks/step_time.py gpt_shapes)
+#   5. FSDP2 (fully_shard, 1-GPU mesh) stepped by the Triton kernel on the local shards against the
+#      unsharded model (benchmarks/gpu_check_dist.py)
 # Step times are CUDA-event medians with their ratio to torch.optim.AdamW(fused=True) in the same process.
 # Results: benchmarks/results/*_cuda.md (each with the machine and the command) and gpu_check_cuda.log,
 # copied to "$OUT" when it is set. Run from anywhere:  bash benchmarks/gpu_check.sh
@@ -62,6 +64,12 @@ part step-time-vit-b 90 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "$VIT
 part step-time-gpt-1.3b 100 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "$GPT" \
     --optimizers adamw_win lamb_win adan_win --modes win win2 none --paths triton --baselines fused \
     --repeats 15 --warmup 3 --out "$RES"
+
+# --- distributed (FSDP2 on the Triton kernel; the dist branch's section) ---
+dist_checks() {
+    part fsdp2-triton 60 "$PY" benchmarks/gpu_check_dist.py "${DEV[@]}" --out "$RES"
+}
+dist_checks
 
 echo "== total $(( SECONDS - START ))s; ${#FAILED[@]} part(s) failed or timed out: ${FAILED[*]:-none}" | tee -a "$LOG"
 if [[ -n "${OUT:-}" ]]; then

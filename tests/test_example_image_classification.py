@@ -292,7 +292,8 @@ def test_distributed_configs_parse():
     train in tests/test_distributed_deepspeed.py)."""
     accel = {os.path.basename(p): yaml.safe_load(open(p)) for p in glob.glob(str(CONFIGS / "accelerate" / "*.yaml"))}
     assert set(accel) == {"ddp.yaml", "multi_node.yaml", "fsdp2.yaml", "deepspeed_zero1.yaml",
-                          "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
+                          "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "deepspeed_zero2_offload.yaml",
+                          "deepspeed_zero3_offload.yaml"}
     assert accel["ddp.yaml"]["distributed_type"] == "MULTI_GPU"
     assert accel["multi_node.yaml"]["num_machines"] > 1
     assert accel["fsdp2.yaml"]["fsdp_config"]["fsdp_version"] == 2
@@ -303,6 +304,12 @@ def test_distributed_configs_parse():
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["zero_allow_untested_optimizer"] is True
         assert "optimizer" not in ds  # the optimizer is the Trainer's (Win), not one of DeepSpeed's
+    for stage in (2, 3):  # ZeRO-Offload: the Win optimizer steps the offloaded partitions on the CPU
+        cfg = accel[f"deepspeed_zero{stage}_offload.yaml"]
+        ds = json.load(open(ROOT / cfg["deepspeed_config"]["deepspeed_config_file"]))
+        assert ds["zero_optimization"]["stage"] == stage and "optimizer" not in ds
+        assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert ds["zero_force_ds_cpu_optimizer"] is False and ds["zero_allow_untested_optimizer"] is True
 
 
 def test_batch_augment_targets(utils):

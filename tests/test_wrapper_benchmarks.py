@@ -36,7 +36,7 @@ def test_step_time_has_the_wrapper_row_next_to_adamw_win(tmp_path):
         assert float(wrapped[0]["state_bytes_per_param_byte"]) == pytest.approx(3 if mode == "win" else 4, abs=0.02)
         assert {r["path"] for r in group} >= {"foreach", "fused", "wrapper"}
     md = (tmp_path / "step_time_tiny_cpu.md").read_text()
-    assert "| hf_win.Win(torch.optim.AdamW(fused=True)) | win | wrapper | wrapper |" in md
+    assert "| hf_win.Win(torch.optim.AdamW(fused=True)) | win | wrapper | float32 | wrapper |" in md
 
 
 def test_memory_floor_state_rows_of_the_wrapper(tmp_path):

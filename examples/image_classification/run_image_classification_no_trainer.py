@@ -275,8 +275,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     results = {**eval_metrics, "train_loss": train_loss, "train_steps": completed_steps}
     if args.output_dir is not None:
         accelerator.wait_for_everyone()
+        # get_state_dict gathers the whole parameters under FSDP (every process takes part)
         accelerator.unwrap_model(model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
-                                                        save_function=accelerator.save)
+                                                        save_function=accelerator.save,
+                                                        state_dict=accelerator.get_state_dict(model))
         if accelerator.is_main_process:
             image_processor.save_pretrained(args.output_dir)
             with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:

@@ -9,7 +9,10 @@ The rules, in order:
 1. A group asks for a kernel with ``fused=True``, and by default (``fused=None`` with ``foreach=None``);
    ``foreach=True/False`` or ``fused=False`` ask for an eager path (``kernel_requested``).
 2. Each parameter whose tensors (parameter, gradient, state) a kernel cannot take goes to the eager path,
-   with the reason (``unfused_reason``: not one local strided storage, empty, layouts that differ).
+   with the reason (``unfused_reason``: not one local strided storage, empty, layouts that differ). DTensor
+   (FSDP2) tensors sharded alike are taken as their local shards (``_sharding.local_shards``; an empty
+   local shard too, so that every process makes the same kernel calls), and a kernel call over them sums
+   its norms over the processes (``_sharding.sum_over_shards``).
 3. The rest is split into partitions of one device, one dtype per array and one step count; each gets the
    backend of its device (``kernels.backend_for``) and a kernel (``kernels.find``), or falls back with the
    reason. Every kernel is obtained before any runs, so a failure never leaves a tensor stepped twice.
@@ -27,7 +30,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _rounding, kernels
+from . import _rounding, _sharding, kernels
 from ._ops import FOREACH, PER_TENSOR
 from ._precision import compute_dtype, stochastic_arrays
 
@@ -80,10 +83,11 @@ class Plan:
     the eager path (``eager``, run as ``eager_path``) and ``paths``, what runs in words (the kernel first,
     then each fallback as ``"<eager path> (<reason>)"``), as ``step_path`` reports them."""
 
-    __slots__ = ("launches", "eager", "eager_path", "paths")
+    __slots__ = ("launches", "eager", "eager_path", "paths", "local")
 
     def __init__(self):
         self.launches: list = []
+        self.local: dict = {}  # index -> the local shards a kernel steps for a DTensor parameter
         self.eager: List[int] = []
         self.eager_path = ""
         self.paths: List[str] = []
@@ -104,7 +108,15 @@ def decide(opt, group: dict, tensors: list, steps: list, clip: Optional[Tensor],
         clip_value = None if clip is None else float(clip)
         parts: dict = {}
         for i, ts in enumerate(tensors):
-            why = unfused_reason(ts)
+            sharding = None  # (mesh, placements) of a DTensor parameter stepped on its local shards
+            if _sharding.is_dtensor(ts[0]):
+                local, why = _sharding.local_shards(ts)
+                if local is not None:
+                    sharding = (ts[0].device_mesh, ts[0].placements)
+                    ts = plan.local[i] = local
+                    why = unfused_reason(ts) if ts[0].numel() else ""
+            else:
+                why = unfused_reason(ts)
             if why:
                 eager = eager_path(group, [ts[0]])
                 if build:
@@ -112,8 +124,8 @@ def decide(opt, group: dict, tensors: list, steps: list, clip: Optional[Tensor],
                 plan.eager.append(i)
                 plan._fallback(f"{eager} ({why})")
                 continue
-            parts.setdefault((ts[0].device, tuple(t.dtype for t in ts), steps[i]), []).append(i)
-        for (device, dtypes, step), idx in parts.items():
+            parts.setdefault((ts[0].device, tuple(t.dtype for t in ts), steps[i], sharding), []).append(i)
+        for (device, dtypes, step, sharding), idx in parts.items():
             backend, why = kernels.backend_for(device)
             rounding = stochastic_arrays(group, dtypes)
             try:
@@ -136,7 +148,8 @@ def decide(opt, group: dict, tensors: list, steps: list, clip: Optional[Tensor],
             if build:
                 seed = int(group.get("rounding_seed", 0))
                 streams = [_rounding.stream(seed, step, a) for a, on in enumerate(rounding) if on]
-                plan.launches.append((kernel, idx, list(operands) + streams, device))
+                sync = _sharding.sum_over_shards(tensors[idx[0]][0]) if sharding is not None else None
+                plan.launches.append((kernel, idx, list(operands) + streams, device, sync))
             if f"{backend} kernel" not in plan.paths:
                 plan.paths.insert(0, f"{backend} kernel")
         plan.eager.sort()
@@ -160,9 +173,11 @@ def predict(opt, group: dict) -> List[str]:
 def run(opt, group: dict, plan: Plan, tensors: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
     """Step ``tensors`` as ``plan`` says. ``pids``: each parameter's index among all the optimizer's
     parameters (the stochastic rounding's ``tensor``)."""
-    for kernel, idx, scalars, device in plan.launches:
-        ptrs = [t.data_ptr() for i in idx for t in tensors[i]]
-        kernels.launch(kernel, ptrs, [tensors[i][0].numel() for i in idx], [pids[i] for i in idx], scalars, device)
+    for kernel, idx, scalars, device, sync in plan.launches:
+        stepped = [plan.local.get(i, tensors[i]) for i in idx]
+        ptrs = [t.data_ptr() for ts in stepped for t in ts]
+        kernels.launch(kernel, ptrs, [ts[0].numel() for ts in stepped], [pids[i] for i in idx], scalars, device,
+                       sync=sync)
     if not plan.eager:
         return
     rest = plan.eager

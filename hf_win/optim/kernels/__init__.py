@@ -169,9 +169,11 @@ def find(optimizer: Steppable, group: dict, arrays: List[str], dtypes: List[torc
         return kernel, operands
 
 
-def launch(kernel, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device) -> None:
-    """Run ``kernel`` over tensors (see ``CKernel.run``); counted in ``counters()["calls"]``."""
-    kernel.run(ptrs, numels, keys, scalars, device)
+def launch(kernel, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device,
+           sync=None) -> None:
+    """Run ``kernel`` over tensors (see ``CKernel.run``; ``sync`` for sharded tensors whose step takes
+    norms); counted in ``counters()["calls"]``."""
+    kernel.run(ptrs, numels, keys, scalars, device, sync=sync)
     _COUNTS["calls"] += 1
 
 

@@ -191,9 +191,15 @@ class TritonKernel:
             t = self._tables[key] = torch.tensor(values, dtype=torch.int64).to(device)
         return t
 
-    def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device) -> None:
+    def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device,
+            sync=None) -> None:
+        """As ``CKernel.run`` (``sync``: each stage's per-tensor sums, summed over the processes in place)."""
         bt, bs, first, numel, n_blocks = self._blocks(numels, device)
         if n_blocks == 0:
+            if sync is not None:  # no element here: this process's sums are 0, and it takes part in each sum
+                for _, st in self.stages:
+                    if st.reductions:
+                        sync(torch.zeros(len(numels) * len(st.reductions), dtype=torch.float64, device=device))
             return
         table = self._cached(("ptrs", tuple(ptrs), str(device)), ptrs, device)
         kid = self._cached(("keys", tuple(keys), str(device)), keys, device)
@@ -208,3 +214,8 @@ class TritonKernel:
                 for r, _ in st.reductions:
                     self.reduce[(len(numels),)](part, first, red, r, NRED=self.nred, CH=256,
                                                 **({} if _interpreting() else {"num_warps": NUM_WARPS}))
+                if sync is not None and st.reductions:
+                    rs = [r for r, _ in st.reductions]
+                    sums = red.view(len(numels), self.nred)[:, rs].contiguous()
+                    sync(sums)
+                    red.view(len(numels), self.nred)[:, rs] = sums
