@@ -1,4 +1,4 @@
-"""The Python parts of ``benchmarks/gpu_check.sh``: what a lent GPU should show (issue 11).
+"""The Python parts of ``benchmarks/gpu_check.sh``: what a lent GPU should show.
 
     python benchmarks/gpu_check.py correctness   # Triton kernel against foreach, every optimizer x mode,
                                                  # fp32 and bf16 (params and/or state), PASS/FAIL

@@ -9,6 +9,8 @@
 #   6. step time on a 1.3B decoder's shapes (GPT-2 style: d=2048, 24 layers, vocab 50304, context 2048,
 #      tied head: 1.32B parameters, 292 tensors; see benchmarks/step_time.py gpt_shapes)
 #   7. host cost: 1,000 tensors of 1,000 elements and 10,000 of 10, AdamW-Win x modes
+#   8. FSDP2 (fully_shard, 1-GPU mesh) stepped by the Triton kernel on the local shards against the
+#      unsharded model (benchmarks/gpu_check_dist.py)
 # Step times are CUDA-event medians with their ratio to torch.optim.AdamW(fused=True) in the same process,
 # the GB/s the floor's bytes imply and the device's copy bandwidth measured in the same run.
 # Results: benchmarks/results/*_cuda.md (each with the machine and the command) and gpu_check_cuda.log,
@@ -60,21 +62,27 @@ part() {  # part NAME SECONDS command...: run under `timeout`, never past the ov
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name())" 2>&1
 } | tee -a "$LOG"
 
-part matrix 120 "$PY" benchmarks/gpu_check.py matrix "${DEV[@]}" "${MATRIX[@]}" --out "$RES"
-part correctness 75 "$PY" benchmarks/gpu_check.py correctness "${DEV[@]}" "${TINY[@]}" --out "$RES"
-part sync 30 "$PY" benchmarks/gpu_check.py sync "${DEV[@]}" --out "$RES"
-part first-step 50 "$PY" benchmarks/gpu_check.py first-step "${DEV[@]}" --params "$VIT" "${TINY[@]}" \
+part matrix 110 "$PY" benchmarks/gpu_check.py matrix "${DEV[@]}" "${MATRIX[@]}" --out "$RES"
+part correctness 65 "$PY" benchmarks/gpu_check.py correctness "${DEV[@]}" "${TINY[@]}" --out "$RES"
+part sync 25 "$PY" benchmarks/gpu_check.py sync "${DEV[@]}" --out "$RES"
+part first-step 45 "$PY" benchmarks/gpu_check.py first-step "${DEV[@]}" --params "$VIT" "${TINY[@]}" \
     --child_timeout "$CHILD" --out "$RES"
-part step-time-vit-b 70 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "$VIT" --paths triton foreach \
+part step-time-vit-b 65 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "$VIT" --paths triton foreach \
     --repeats 20 --warmup 3 --no_memory --out "$RES"
-part step-time-gpt-1.3b 70 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "$GPT" \
+part step-time-gpt-1.3b 65 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "$GPT" \
     --optimizers adamw_win lamb_win adan_win --modes win win2 none --paths triton --baselines fused \
     --repeats 15 --warmup 3 --no_memory --out "$RES"
 for SET in many_1000x1000 many_10000x10; do
-    part "host-cost-$SET" 25 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "${MANY:-$SET}" \
+    part "host-cost-$SET" 20 "$PY" benchmarks/step_time.py "${DEV[@]}" --params "${MANY:-$SET}" \
         --optimizers adamw_win --modes win win2 none --paths triton --baselines fused --repeats 10 --warmup 2 \
         --no_memory --tag "$SET" --out "$RES"
 done
+
+# --- distributed (FSDP2 on the Triton kernel; the dist branch's section) ---
+dist_checks() {
+    part fsdp2-triton 50 "$PY" benchmarks/gpu_check_dist.py "${DEV[@]}" --out "$RES"
+}
+dist_checks
 
 echo "== total $(( SECONDS - START ))s; ${#FAILED[@]} part(s) failed or timed out: ${FAILED[*]:-none}" | tee -a "$LOG"
 if [[ -n "${OUT:-}" ]]; then

@@ -10,8 +10,9 @@ what a Win / Win2 step that only moves its data would cost. Compare with ``step_
 
 ``--report state`` (``both``: after the traffic floor) measures bytes instead of time, for every registry
 optimizer x mode x path (per-tensor, foreach, the default kernel) x precision (fp32 state, bf16 state,
-bf16 parameters with bf16 state and stochastic rounding) and for torch.optim.AdamW (for-loop, foreach,
-fused), over a model of ``--state-numel`` float32 elements in a few tensors:
+bf16 parameters with bf16 state and stochastic rounding; the registry's ``Win(base)`` optimizers: fp32,
+their one path), for torch.optim.AdamW (for-loop, foreach, fused) and for ``hf_win.Win`` around
+``torch.optim.AdamW(fused=True)``, over a model of ``--state-numel`` float32 elements in a few tensors:
 
 - *state bytes per parameter*: exact, summed over the optimizer's state tensors after the first step;
 - *transient peak per parameter*: the largest amount of memory allocated *during* a later step beyond what
@@ -36,20 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def machine(device: torch.device) -> dict:
-    """``step_time.machine`` (the machine table of every benchmark), or the basics where step_time cannot
-    be imported (it is being reworked in another branch: its import of the retired ``_fused`` fails)."""
-    try:
-        from step_time import machine as full
-    except ImportError:
-        import os
-        import platform
-
-        return {"device": str(device), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-                "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-    return full(device)
+from step_time import machine  # noqa: E402  (the machine table of every benchmark)
 
 
 def stream7(p, g, m, v):  # AdamW's traffic: read p, g, m, v; write p, m, v
@@ -95,8 +83,9 @@ STATE_PRECISIONS = {  # name -> (parameter dtype, optimizer keywords)
 }
 
 
-def state_memory(numel: int, steps: int = 3):
-    """One row per optimizer configuration: state bytes, transient peak and step peak per parameter."""
+def state_memory(numel: int, steps: int = 3, names=None):
+    """One row per optimizer configuration: state bytes, transient peak and step peak per parameter
+    (``names``: only the configurations of these optimizer names)."""
     import hf_win
 
     shapes = [(numel // 4,), (numel // 8, 2), (numel // 4 // 64, 64), (numel - numel // 4 * 2 - numel // 4 // 64 * 64
@@ -106,6 +95,12 @@ def state_memory(numel: int, steps: int = 3):
     configs = []
     for dtype_name, (pdtype, kw) in STATE_PRECISIONS.items():
         for name, spec in hf_win.registry.OPTIMIZERS.items():
+            if issubclass(spec.cls, hf_win.Win):
+                if pdtype == torch.float32 and not kw:  # Win(base): the base's state, x/y in the parameter's dtype
+                    for mode in ("none", "win", "win2"):
+                        configs.append((name, mode, "default", dtype_name, pdtype,
+                                        lambda ps, cls=spec.cls, mode=mode: cls(ps, acceleration_mode=mode)))
+                continue
             for mode in ("none", "win", "win2"):
                 for path, pkw in (("per-tensor", dict(foreach=False)), ("foreach", dict(foreach=True)), ("default", {})):
                     lr = dict(lr=1e-2) if name == "sgd_win" else {}
@@ -116,8 +111,14 @@ def state_memory(numel: int, steps: int = 3):
             for path, pkw in (("for-loop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
                 configs.append(("torch.optim.AdamW", "-", path, dtype_name, pdtype,
                                 lambda ps, pkw=pkw: torch.optim.AdamW(ps, **pkw)))
+            for mode in ("win", "win2"):  # the wrapper around torch's fused AdamW: + x (y), + one transient copy
+                configs.append(("Win(torch.optim.AdamW)", mode, "fused", dtype_name, pdtype,
+                                lambda ps, mode=mode: hf_win.Win(torch.optim.AdamW(ps, weight_decay=0.0, fused=True),
+                                                                 acceleration_mode=mode, weight_decay=1e-2)))
     rows = []
     for name, mode, path, dtype_name, pdtype, build in configs:
+        if names is not None and name not in names:
+            continue
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s).to(pdtype)) for s in shapes]
         for q in params:
@@ -161,9 +162,10 @@ def write_state_report(rows, n, shapes, out: Path, argv) -> None:
            "torch's CPU allocator during one later step beyond what existed before it (`torch.profiler` "
            "memory events). *step peak*: parameters + gradients + state + transient. `default` is "
            "`fused=None, foreach=None` (the C kernel on CPU where it builds; `path taken` says what ran).", ""]
-    ref = next(r for r in rows if r["optimizer"] == "torch.optim.AdamW" and r["path"] == "fused")
-    md += [f"torch.optim.AdamW(fused=True): state {ref['state_bytes_per_param']:g} B/param, step peak "
-           f"{ref['step_peak_per_param']:g} B/param.", ""]
+    ref = next((r for r in rows if r["optimizer"] == "torch.optim.AdamW" and r["path"] == "fused"), None)
+    if ref is not None:
+        md += [f"torch.optim.AdamW(fused=True): state {ref['state_bytes_per_param']:g} B/param, step peak "
+               f"{ref['step_peak_per_param']:g} B/param.", ""]
     md += ["| optimizer | mode | path | precision | state | transient | step peak | path taken |",
            "|---|---|---|---|---:|---:|---:|---|"]
     for r in rows:
@@ -182,13 +184,15 @@ def main(argv=None):
     ap.add_argument("--report", choices=("traffic", "state", "both"), default="traffic",
                     help="traffic: the time floor (default); state: bytes per parameter; both")
     ap.add_argument("--state-numel", type=int, default=1_000_000, help="parameters of the --report state model")
+    ap.add_argument("--state-optimizers", nargs="+", default=None,
+                    help="--report state: only these optimizers (registry names, torch.optim.AdamW, Win(torch.optim.AdamW))")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.report in ("state", "both"):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        rows, n, shapes = state_memory(args.state_numel)
+        rows, n, shapes = state_memory(args.state_numel, names=args.state_optimizers)
         write_state_report(rows, n, shapes, out, argv)
         if args.report == "state":
             return rows

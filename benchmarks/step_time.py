@@ -6,9 +6,13 @@ the Triton kernel for CUDA tensors; on CPU the default ``fused=None`` runs the s
 Triton's interpreter could run it), ``foreach``, ``per_tensor``.
 
 For a named parameter set (the parameter shapes of a model, with random gradients), each group of
-contenders (our optimizer on each path, ``torch.optim.AdamW(fused=True)`` and ``AdamW(foreach=True)``)
-is built together and stepped in interleaved rounds, after warm-up; the table reports the median step
-time of each (CUDA: CUDA events) and its ratio to fused AdamW *measured in the same group*. Also
+contenders (our optimizer on each path and each ``--state_dtypes``, ``torch.optim.AdamW(fused=True)``,
+``AdamW(foreach=True)``, for ``adamw_win`` the same step by the wrapper,
+``hf_win.Win(torch.optim.AdamW(fused=True))``, and, with ``--baselines ds_cpu_adam``, DeepSpeed's
+``DeepSpeedCPUAdam``: the optimizer ZeRO-Offload runs on the offloaded partitions) is built together
+and stepped in interleaved rounds, after warm-up; the table reports the median step time of each
+(CUDA: CUDA events) and its ratio to fused AdamW, and to DeepSpeedCPUAdam when it ran, *measured in
+the same group*. Also
 reported: the time of the first fused step (state creation, the kernel's build or its load from the
 cache, and the step), with the kernels and cache entries built/loaded by it, and the peak of memory
 allocated during one step beyond the persistent state, in units of the parameters' size ("transient
@@ -23,6 +27,10 @@ schedule, reporting the kernels traced and built (``hf_win.optim.kernels.counter
     python benchmarks/step_time.py --params vit_b --optimizers adamw_win --modes win win2
     python benchmarks/step_time.py --params vit_s --threads 1 --schedule
     python benchmarks/step_time.py --quick                          # tiny smoke run (seconds)
+    # against the offload anchor (DeepSpeedCPUAdam's op is built with the C++ compiler and ninja on first use)
+    OMP_NUM_THREADS=1 python benchmarks/step_time.py --params vit_b --threads 1 --optimizers adamw_win \
+        --modes none win win2 --paths fused --state_dtypes float32 bfloat16 --baselines fused ds_cpu_adam \
+        --no_memory --tag offload_t1
 
 Writes ``<out>/step_time_<params>_<device>.csv`` and ``.md`` (``..._schedule`` for ``--schedule``), with
 the machine's description and the command.
@@ -48,7 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from hf_win.optim import kernels  # noqa: E402
-from hf_win.optim._base import WinOptimizer  # noqa: E402
+from hf_win.optim import Win, WinOptimizer  # noqa: E402
 from hf_win.optim.kernels import cache as kcache  # noqa: E402
 from hf_win.registry import OPTIMIZERS, available_optimizers  # noqa: E402
 
@@ -210,8 +218,11 @@ class Contender:
                 self.compile_s = dt
                 self.first = (f"{k1['kernels'] - k0['kernels']} kernel(s), cache {c1['builds'] - c0['builds']} "
                               f"built / {c1['loads'] - c0['loads']} loaded")
+        elif isinstance(self.opt, Win):
+            self.impl, self.path_taken = "wrapper", self.opt.step_path()
+            self.backend = self.path_taken  # e.g. "AdamW step, then win2 on c kernel"
         else:
-            self.backend, self.path_taken = "-", "torch"
+            self.backend, self.path_taken = "-", type(self.opt).__module__.split(".")[0]
         return dt
 
 
@@ -252,11 +263,17 @@ def transient_peak_bytes(contender: Contender) -> int:
 CUDA_TARGETS = {("adamw_win", "win"): 1.35, ("adamw_win", "win2"): 1.6, ("adamw_win", "none"): 1.05}
 
 
-def floor_bytes(optimizer: str, mode: str) -> int:
+def floor_bytes(optimizer: str, mode: str, state_dtype: str = "float32") -> int:
     """Bytes per float32 parameter at the floor: the parameter, the gradient and every state buffer read
-    once, the parameter and every buffer written once (torch's AdamW: 2 buffers, 28 bytes)."""
-    buffers = 2 if optimizer == "torch.optim.AdamW" else OPTIMIZERS[optimizer].cls.buffers_per_parameter(mode)
-    return 4 * (3 + 2 * buffers)
+    once, the parameter and every buffer written once (torch's AdamW: 2 buffers, 28 bytes); a bfloat16
+    state buffer moves 2 bytes per element."""
+    if optimizer in OPTIMIZERS:
+        buffers = OPTIMIZERS[optimizer].cls.buffers_per_parameter(mode)
+    elif optimizer.startswith("hf_win.Win("):  # the wrapper over AdamW keeps AdamW-Win's buffers
+        buffers = OPTIMIZERS["adamw_win"].cls.buffers_per_parameter(mode)
+    else:  # torch.optim.AdamW, DeepSpeedCPUAdam
+        buffers = 2
+    return 4 * 3 + 2 * buffers * (2 if state_dtype == "bfloat16" else 4)
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -268,6 +285,20 @@ def copy_bandwidth(device: torch.device) -> float:
         times.append(timed(lambda: dst.copy_(src), device))
     del src, dst
     return 2 * 2**30 / statistics.median(times[1:]) / 1e9
+
+
+def ds_cpu_adam(params):
+    """DeepSpeed's CPU Adam (AVX, OpenMP) in AdamW mode with torch.optim.AdamW's defaults; its op is built
+    (C++ compiler, ninja) on first use."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(params, lr=1e-3, weight_decay=1e-2, adamw_mode=True, fp32_optimizer_states=True)
+
+
+def state_dtype_of(opt) -> str:
+    if isinstance(opt, WinOptimizer):
+        return str(opt.param_groups[0].get("state_dtype") or "float32").replace("torch.", "")
+    return "float32"
 
 
 def our_kwargs(name, mode):
@@ -284,16 +315,30 @@ def build_groups(args, shapes, grads, device):
         for mode in args.modes:
             kw = our_kwargs(name, mode)
             builders = []
-            for path in args.paths:
-                flags, env = PATH_FLAGS[path]
-                builders.append((f"{name}/{mode}/{path}", name, path, mode,
-                                 lambda ps, kw=dict(kw, **flags): spec.cls(ps, **kw), env))
+            for dtype in args.state_dtypes:
+                extra = {} if dtype == "float32" else {"state_dtype": dtype}
+                suffix = "" if dtype == "float32" else f"/{dtype}_state"
+                for path in args.paths:
+                    flags, env = PATH_FLAGS[path]
+                    builders.append((f"{name}/{mode}/{path}{suffix}", name, path, mode,
+                                     lambda ps, kw=dict(kw, **flags, **extra): spec.cls(ps, **kw), env))
             builders.append(("torch.AdamW/fused", "torch.optim.AdamW", "fused", "-",
                              lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), None))
             if "foreach" in args.baselines:
                 builders.append(("torch.AdamW/foreach", "torch.optim.AdamW", "foreach", "-",
                                  lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), None))
+            if "wrapper" in args.baselines and name == "adamw_win" and mode != "none":
+                # the same AdamW-Win step as hf_win.AdamW (the tests check it), by the wrapper
+                builders.append((f"Win(torch.AdamW/fused)/{mode}", "hf_win.Win(torch.optim.AdamW(fused=True))",
+                                 "wrapper", mode, lambda ps, mode=mode: Win(
+                                     torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, fused=True),
+                                     acceleration_mode=mode, weight_decay=1e-2), None))
+            if "ds_cpu_adam" in args.baselines:
+                builders.append((DS_LABEL, "deepspeed.ops.adam.DeepSpeedCPUAdam", "avx", "-", ds_cpu_adam, None))
             yield name, mode, builders
+
+
+DS_LABEL = "DeepSpeedCPUAdam"
 
 
 def run_group(builders, shapes, grads, device, args):
@@ -432,8 +477,13 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=["win", "win2", "none"], choices=["win", "win2", "none"])
     ap.add_argument("--paths", nargs="+", default=["fused", "triton", "foreach"],
                     choices=sorted(PATH_FLAGS))
-    ap.add_argument("--baselines", nargs="+", default=["fused", "foreach"], choices=["fused", "foreach"],
-                    help="torch.optim.AdamW baselines (fused is always run: ratios are to it)")
+    ap.add_argument("--baselines", nargs="+", default=["fused", "foreach", "wrapper"],
+                    choices=["fused", "foreach", "wrapper", "ds_cpu_adam"],
+                    help="torch.optim.AdamW baselines (fused is always run: ratios are to it); wrapper: "
+                    "hf_win.Win(torch.optim.AdamW(fused=True)) in the adamw_win groups (win, win2); ds_cpu_adam: "
+                    "DeepSpeedCPUAdam (CPU only), the ZeRO-Offload anchor, with a second ratio column")
+    ap.add_argument("--state_dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="state_dtype of our optimizers (each one a contender per path)")
     ap.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first step")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
@@ -457,6 +507,9 @@ def main(argv=None):
         print(f"note: the triton path runs on CUDA tensors only; skipped on {device.type} "
               "(its CPU form is Triton's interpreter, a correctness check, never timed)", flush=True)
         args.paths = [p for p in args.paths if p != "triton"]
+    if "ds_cpu_adam" in args.baselines and device.type != "cpu":
+        print(f"note: DeepSpeedCPUAdam steps CPU tensors only; skipped on {device.type}", flush=True)
+        args.baselines = [b for b in args.baselines if b != "ds_cpu_adam"]
     torch.manual_seed(0)
     shapes = PARAM_SETS[args.params]()
     n_params = sum(torch.Size(s).numel() for s in shapes)
@@ -485,24 +538,29 @@ def main(argv=None):
         contenders = run_group(builders, shapes, grads, device, args)
         med = {c.label: statistics.median(c.times) for c in contenders}
         base = med["torch.AdamW/fused"]
+        anchor = med.get(DS_LABEL)
         for c in contenders:
             rows.append({
                 "group": f"{name}/{mode}",
-                "optimizer": c.optimizer, "mode": c.mode, "path": c.path, "runs": c.impl or "torch",
+                "optimizer": c.optimizer, "mode": c.mode, "path": c.path, "state_dtype": state_dtype_of(c.opt),
+                "runs": c.impl or c.path_taken,
                 "backend": c.backend,
                 "median_ms": round(med[c.label] * 1e3, 3),
                 "min_ms": round(min(c.times) * 1e3, 3),
                 "ratio_to_torch_fused_adamw": round(med[c.label] / base, 3),
+                "ratio_to_ds_cpu_adam": "" if anchor is None else round(med[c.label] / anchor, 3),
                 "compile_s": "" if c.compile_s != c.compile_s else round(c.compile_s, 3),
                 "first_step_built": c.first,
                 "state_bytes_per_param_byte": round(state_bytes(c.opt) / param_bytes, 2),
                 "transient_param_sizes": "" if c.transient != c.transient else round(c.transient / param_bytes, 3),
-                "floor_bytes_per_param": floor_bytes(c.optimizer, mode),
-                "GB_s_at_floor": round(floor_bytes(c.optimizer, mode) * n_params / med[c.label] / 1e9, 1),
+                "floor_bytes_per_param": floor_bytes(c.optimizer, c.mode, state_dtype_of(c.opt)),
+                "GB_s_at_floor": round(floor_bytes(c.optimizer, c.mode, state_dtype_of(c.opt)) * n_params
+                                       / med[c.label] / 1e9, 1),
                 "target": CUDA_TARGETS.get((c.optimizer, c.mode), "") if device.type == "cuda" else "",
             })
             r = rows[-1]
-            print(f"{r['group']:<22} {c.label:<28} {r['median_ms']:>9.2f} ms  x{r['ratio_to_torch_fused_adamw']:<6} "
+            print(f"{r['group']:<22} {c.label:<40} {r['median_ms']:>9.2f} ms  x{r['ratio_to_torch_fused_adamw']:<6} "
+                  f"(x{r['ratio_to_ds_cpu_adam'] or '-'} DeepSpeedCPUAdam) "
                   f"first {r['compile_s'] or '-':>6} s  {c.path_taken}  transient {r['transient_param_sizes']}",
                   flush=True)
         del contenders
@@ -516,21 +574,25 @@ def main(argv=None):
     md += ["", f"Median of {args.repeats} interleaved rounds after warm-up "
            f"({'CUDA events' if device.type == 'cuda' else 'wall clock'}); ratio = median / median of "
            "`torch.optim.AdamW(fused=True)` in the same group. runs = what the step executed (kernel: the "
-           "generated kernel of the backend named; eager: the foreach operations; torch: torch.optim). "
+           "generated kernel of the backend named; eager: the foreach operations; torch: torch.optim; wrapper: "
+           "torch's fused AdamW step, then Win's acceleration, on the path backend names). "
            "first step s = the first fused step, wall clock: state creation, the kernel's build or its load "
            "from the cache (what it built/loaded is listed), and the step. transient = peak memory allocated "
-           "during one step beyond the persistent state, in units of the parameters' size. GB/s = the floor's "
-           "bytes per parameter (parameter, gradient and state read once, parameter and state written once: "
-           "AdamW 28, AdamW-Win 36, Win2 44) x parameters / median time: a lower bound of what moved"
+           "during one step beyond the persistent state, in units of the parameters' size. x DeepSpeedCPUAdam: "
+           "median / median of DeepSpeedCPUAdam (adamw_mode, fp32 state) in the same group, when it ran. GB/s = "
+           "the floor's bytes per parameter (parameter, gradient and state read once, parameter and state written "
+           "once: AdamW 28, AdamW-Win 36, Win2 44 with float32 state) x parameters / median time: a lower bound "
+           "of what moved"
            + (f", against the device's copy bandwidth measured in this run ({info['copy_bandwidth_GB_s']} GB/s)"
               if "copy_bandwidth_GB_s" in info else "") + ". target: the ratio the CUDA path aims at.", "",
-           "| optimizer | mode | path | runs | backend | ms | x fused AdamW | target | GB/s at floor | first step s | "
-           "first step built | state / params | transient |",
-           "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+           "| optimizer | mode | path | state dtype | runs | backend | ms | x fused AdamW | x DeepSpeedCPUAdam | "
+           "target | GB/s at floor | first step s | first step built | state / params | transient |",
+           "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
-        md.append(f"| {r['optimizer']} | {r['mode']} | {r['path']} | {r['runs']} | {r['backend']} | "
-                  f"{r['median_ms']:.2f} | {r['ratio_to_torch_fused_adamw']:.2f} | {r['target']} | {r['GB_s_at_floor']} | "
-                  f"{r['compile_s']} | "
+        ds = "" if r["ratio_to_ds_cpu_adam"] == "" else f"{r['ratio_to_ds_cpu_adam']:.2f}"
+        md.append(f"| {r['optimizer']} | {r['mode']} | {r['path']} | {r['state_dtype']} | {r['runs']} | {r['backend']} | "
+                  f"{r['median_ms']:.2f} | {r['ratio_to_torch_fused_adamw']:.2f} | {ds} | {r['target']} | "
+                  f"{r['GB_s_at_floor']} | {r['compile_s']} | "
                   f"{r['first_step_built']} | {r['state_bytes_per_param_byte']} | {r['transient_param_sizes']} |")
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out / stem}.csv and .md", flush=True)

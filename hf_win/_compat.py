@@ -201,13 +201,14 @@ class OptimizerResumeLogMixin:
     win_optimizer_resume = None
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        from .optim import WinOptimizer
+        from .optim import Win, WinOptimizer
 
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        if isinstance(inner, WinOptimizer):
+        ours = isinstance(inner, (WinOptimizer, Win))
+        if ours:
             inner.last_load_report = None
         result = super()._load_optimizer_and_scheduler(checkpoint)
-        report = getattr(inner, "last_load_report", None) if isinstance(inner, WinOptimizer) else None
+        report = getattr(inner, "last_load_report", None) if ours else None
         if report is not None:
             groups = inner.param_groups
             now = (f" Now: acceleration_mode {'/'.join(sorted({g['acceleration_mode'] for g in groups}))}, "

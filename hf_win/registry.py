@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import torch
-from torch.optim.optimizer import required
 
-from .optim import Adam, AdamW, Adan, LAMB, SGD, WinOptimizer
+from .optim import LAMB, SGD, AdafactorWin, Adam, AdamW, Adan, MuonWin, NAdamWin, RAdamWin, Win
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "available_optimizers", "get_optimizer_spec", "create_optimizer"]
 
@@ -34,6 +33,12 @@ class OptimizerSpec:
     def accepted_keys(self) -> Tuple[str, ...]:
         return tuple(self.hyperparameters)
 
+    @property
+    def wraps_base(self) -> bool:
+        """Built as ``hf_win.Win`` around an optimizer written elsewhere (torch.optim's): its execution paths,
+        state layout and checkpoint conversions are that optimizer's, not those of hf_win's own optimizers."""
+        return issubclass(self.cls, Win)
+
 
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
     spec.name: spec
@@ -43,6 +48,10 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         OptimizerSpec("lamb_win", LAMB, "LAMB (layer-wise trust ratio)"),
         OptimizerSpec("sgd_win", SGD, "SGD with (Nesterov) momentum"),
         OptimizerSpec("adan_win", Adan, "Adan (Nesterov momentum estimation)"),
+        OptimizerSpec("adafactor_win", AdafactorWin, "torch.optim.Adafactor (factored second moment), as Win(base)"),
+        OptimizerSpec("nadam_win", NAdamWin, "torch.optim.NAdam (Nesterov Adam), as Win(base)"),
+        OptimizerSpec("radam_win", RAdamWin, "torch.optim.RAdam (rectified Adam), as Win(base)"),
+        OptimizerSpec("muon_win", MuonWin, "torch.optim.Muon on hidden matrices, AdamW on the rest, as Win(base)"),
     )
 }
 
@@ -59,7 +68,7 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
     return OPTIMIZERS[key]
 
 
-def create_optimizer(name: str, params, **kwargs) -> WinOptimizer:
+def create_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
     """Build the registry optimizer ``name`` over ``params`` with constructor keywords ``kwargs``.
 
     Unknown keywords raise ``ValueError`` naming the accepted ones.
@@ -72,31 +81,3 @@ def create_optimizer(name: str, params, **kwargs) -> WinOptimizer:
         )
     return spec.cls(params, **kwargs)
 
-
-def markdown_table() -> str:
-    """The README's optimizer table, generated from the registry (a test keeps the README in sync)."""
-    rows = [
-        "| `--optim` name | class (alias) | defaults | state buffers per parameter: none / win / win2 | "
-        "bytes per parameter, fp32 state: none / win / win2 | bytes per parameter, `state_dtype=bfloat16`: none / win / win2 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for spec in OPTIMIZERS.values():
-        hp = spec.hyperparameters
-        # the same for every optimizer: in the text around the table
-        common = ("reckless_steps", "acceleration_mode", "foreach", "fused", "maximize", "capturable", "differentiable",
-                  "state_dtype", "bf16_stochastic_round", "rounding_seed")
-        shown = {k: v for k, v in hp.items() if k not in common}
-        defaults = ", ".join(
-            f"{k}={'required' if v is inspect.Parameter.empty or v is None or v is required else v}"
-            for k, v in shown.items()
-        )
-        hyper = {k: v for k, v in hp.items() if v is not inspect.Parameter.empty}
-        buffers = [spec.cls.buffers_per_parameter(m, **hyper) for m in ("none", "win", "win2")]
-        nbytes = {d: [spec.cls.state_bytes_per_parameter(m, torch.float32, **dict(hyper, state_dtype=d))
-                      for m in ("none", "win", "win2")] for d in ("float32", "bfloat16")}
-        rows.append(
-            f"| `{spec.name}` | `{spec.cls.__name__}` (`{spec.cls.__name__}_Win`) | {defaults} | "
-            f"{' / '.join(map(str, buffers))} | {' / '.join(map(str, nbytes['float32']))} | "
-            f"{' / '.join(map(str, nbytes['bfloat16']))} |"
-        )
-    return "\n".join(rows)

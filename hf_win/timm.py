@@ -1,6 +1,6 @@
 """The Win optimizers in timm's optimizer registry: ``import hf_win.timm`` and timm knows them.
 
-    import hf_win.timm  # registers adamw-win, adamw-win2, adam-win, ..., adan-win2
+    import hf_win.timm  # registers adamw-win, adamw-win2, adam-win, ..., adan-win2, muon-win2, adafactor-win, ...
     from timm.optim import create_optimizer_v2
     optimizer = create_optimizer_v2(model, opt="adamw-win2", lr=2e-3, weight_decay=0.05)
 

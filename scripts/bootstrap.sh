@@ -27,9 +27,18 @@ case "$job" in
     ;;
   test)
     "$vpy" -m pip install -q --disable-pip-version-check -e ".[test]"
-    # timm without its dependencies: it requires torchvision, whose wheels pin another torch (a bare
-    # install would replace the CPU torch); the timm tests give it a labelled test-only stand-in instead.
-    "$vpy" -m pip install -q --disable-pip-version-check --no-deps "timm>=1.0.12"
+    # timm for tests/test_timm.py only, without its dependencies and outside the venv's site-packages: timm
+    # imports torchvision, whose wheels pin another torch (a bare install would replace the CPU torch), so timm
+    # cannot import here; installed in the venv it would break accelerate's CLI, which imports timm wherever it
+    # is installed. The test imports it from this folder, with a labelled test-only torchvision stand-in.
+    timm_dir="$(cd "$venv" && pwd)/timm-for-tests"
+    if [ ! -d "$timm_dir/timm" ]; then
+      "$vpy" -m pip install -q --disable-pip-version-check --no-deps --target "$timm_dir" "timm>=1.0.12"
+    fi
+    if "$vpy" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('timm') and not u.find_spec('torchvision')))"; then
+      echo "[bootstrap] removing timm from $venv (an earlier bootstrap put it there; without torchvision it breaks accelerate's CLI)"
+      "$vpy" -m pip uninstall -q -y timm
+    fi
     exec "$vpy" -m pytest -q "$@"
     ;;
   *)

@@ -55,3 +55,17 @@ def _fresh_kernels_per_module():
 
     kernels.reset()
     yield
+
+
+@pytest.fixture
+def fresh_kernel_cache(monkeypatch, tmp_path_factory):
+    """The test builds into its own kernel cache folder and starts with no kernel in the process."""
+    from hf_win.optim import kernels
+    from hf_win.optim.kernels import cache
+
+    monkeypatch.setenv("HF_WIN_CACHE_DIR", str(tmp_path_factory.mktemp("kernels")))
+    kernels.reset()
+    cache._reset_for_tests()
+    yield
+    kernels.reset()
+    cache._reset_for_tests()

@@ -51,7 +51,6 @@ def test_quick_grid_every_run_present_and_consistent(conv, quick):
     assert set(got) == expected
     for r in rows:
         task = conv.TASKS[r["task"]]
-        assert r["backend"] == "wintrainer"
         assert r["optimizer_class"] == conv.get_optimizer_spec(r["optimizer"]).cls.__name__
         assert math.isclose(float(r["lr"]), float(r["base_lr"]) * float(r["lr_mult"]), rel_tol=1e-12)
         assert r["metric_name"] == task.metric
@@ -125,19 +124,32 @@ def test_report_stage_rebuilds_the_same_tables(conv, quick, tmp_path):
     assert (quick / "runs.csv").read_text() == runs_before
 
 
-def test_wintrainer_and_plain_trainer_with_registry_class_give_the_same_run(conv, tmp_path):
-    """The WinTrainer path (registry name + standard fields, Adan's three betas) builds the same optimizer
-    as handing the registry class its own defaults: the loss curves are identical."""
-    task = conv.TASKS["vit_digits"]
-    a = conv.run_one(task, "adan_win", "win2", 3e-3, 0, 10, str(tmp_path / "a"), backend="wintrainer")
-    b = conv.run_one(task, "adan_win", "win2", 3e-3, 0, 10, str(tmp_path / "b"), backend="trainer+registry")
-    assert a["curve"] == b["curve"] and len(a["curve"]) == 2
-    assert a["heldout_metric"] == b["heldout_metric"]
+def test_wrapped_arm_tunes_vanilla_and_runs_every_mode(conv, tmp_path):
+    """The Win(base) arm: tuning on vanilla over the optimizer's grid, then every mode at the tuned lr, through
+    WinTrainer with the registry class (the recorded class and path are the wrapper's), tables written."""
+    out = tmp_path / "wrapped"
+    assert conv.main(["--stage", "wrapped", "--optimizers", "muon_win", "--steps", "5", "--seeds", "0",
+                      "--lr-multipliers", "1", "--out", str(out)]) == 0
+    tuned = json.loads((out / "tuned_lr_wrapped.json").read_text())["gpt2_stdlib"]["muon_win"]
+    tuning = _rows(out / "tuning_wrapped.csv")
+    assert [float(r["lr"]) for r in tuning] == list(conv.lr_grid("muon_win"))
+    finite = [r for r in tuning if r["diverged"] == "False"] or tuning
+    assert tuned == float(min(finite, key=lambda r: float(r["final_train_loss"]))["lr"])
+    runs = _rows(out / "runs_wrapped.csv")
+    assert sorted(r["mode"] for r in runs) == sorted(conv.MODES)
+    for r in runs:
+        assert r["optimizer_class"] == "MuonWin" and float(r["lr"]) == tuned
+        assert r["step_path"].startswith("MuonAdamW step")
+        assert ("then " + r["mode"]) in r["step_path"] or r["mode"] == "none"
+    md = (out / "summary_wrapped.md").read_text()
+    assert "| muon_win | 1 |" in md
+    assert (out / "loss_curves_wrapped_gpt2_stdlib.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bad_arguments_are_refused(conv):
     with pytest.raises(SystemExit) as e:
         conv.main(["--quick", "--optimizers", "adamw"])
     assert e.value.code == 2
-    with pytest.raises(ValueError, match="backend must be one of"):
-        conv.run_one(conv.TASKS["vit_digits"], "adamw_win", "win", 1e-3, 0, 5, "/tmp", backend="nope")
+    with pytest.raises(SystemExit) as e:
+        conv.main(["--quick", "--backend", "trainer+registry"])  # every run goes through WinTrainer: no --backend
+    assert e.value.code == 2

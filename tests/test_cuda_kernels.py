@@ -10,7 +10,7 @@ import hf_win
 from hf_win.optim import kernels
 from hf_win.optim.kernels.triton import BLOCK, aligned, block_tables
 
-from test_kernels import fresh_kernels  # noqa: F401  (autouse: each test starts with no kernel, its own cache)
+pytestmark = pytest.mark.usefixtures("fresh_kernel_cache")  # each test: its own cache folder, no kernel loaded
 
 
 def _misaligned(n: int) -> torch.nn.Parameter:

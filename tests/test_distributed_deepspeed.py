@@ -25,32 +25,47 @@ pytest.importorskip("deepspeed")
 ATOL = 1e-5
 STAGES = ("zero1", "zero2", "zero3")
 NAMES = ["adamw_win", "adam_win", "sgd_win", "adan_win"]
-RESUMED = {"zero1": ("adan_win", "win2"), "zero2": ("adamw_win", "win"), "zero3": ("adan_win", "win2")}
+# what trainer_worker.py resumes at each stage
+RESUMED = {"zero1": ("adan_win", "win2"), "zero2": ("adamw_win", "win"), "zero3": ("adan_win", "win2"),
+           "zero2_offload": ("adamw_win", "win"), "zero3_offload": ("adan_win", "win2")}
+
+
+def _trainer_runs(tmp_path_factory, stages, names):
+    """One torchrun of trainer_worker.py over ``stages`` x ``names`` (x win/win2); its results."""
+    out = tmp_path_factory.mktemp(stages[0]) / "results.pt"
+    launch.run(launch.torchrun("trainer_worker.py", str(out), ",".join(stages), ",".join(names)), timeout=420)
+    return torch.load(out)
+
+
+def _assert_matches_one_process(results, stage, name, mode):
+    diff = common.max_abs_diff(common.trainer_reference(name, mode), results["params"][f"{stage}/{name}/{mode}"])
+    assert diff < ATOL, f"{stage} {name}/{mode} differs from one process by {diff:.3e}"
+
+
+def _assert_resumed_exactly(results, stage):
+    name, mode = RESUMED[stage]
+    resumed = results["params"][f"{stage}/resume/{name}/{mode}"]
+    uninterrupted = results["params"][f"{stage}/{name}/{mode}"]
+    for n in uninterrupted:
+        assert torch.equal(resumed[n], uninterrupted[n]), f"{stage}: {n} differs after resuming from checkpoint-2"
 
 
 @pytest.fixture(scope="module")
 def ds_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deepspeed") / "ds.pt"
-    launch.run(launch.torchrun("trainer_worker.py", str(out), ",".join(STAGES), ",".join(NAMES)), timeout=420)
-    return torch.load(out)
+    return _trainer_runs(tmp_path_factory, STAGES, NAMES)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("name,mode", common.combos(NAMES))
 def test_zero_matches_one_process(ds_results, stage, name, mode):
-    diff = common.max_abs_diff(common.trainer_reference(name, mode), ds_results["params"][f"{stage}/{name}/{mode}"])
-    assert diff < ATOL, f"{stage} {name}/{mode} differs from one process by {diff:.3e}"
+    _assert_matches_one_process(ds_results, stage, name, mode)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_resume_from_zero_checkpoint_continues_exactly(ds_results, stage):
-    name, mode = RESUMED[stage]
-    resumed = ds_results["params"][f"{stage}/resume/{name}/{mode}"]
-    uninterrupted = ds_results["params"][f"{stage}/{name}/{mode}"]
-    for n in uninterrupted:
-        assert torch.equal(resumed[n], uninterrupted[n]), f"{stage}: {n} differs after resuming from checkpoint-2"
+    _assert_resumed_exactly(ds_results, stage)
 
 
 @pytest.mark.slow
@@ -69,3 +84,34 @@ def test_lamb_trust_ratio_refused_at_start_under_zero(ds_results, stage):
     # raised by WinTrainer when it builds the optimizer (names the stage), before any training step
     assert msg.startswith("ShardingError") and f"ZeRO stage {stage[-1]}" in msg
     assert "trust ratio" in msg and "FSDP2" in msg and "adamw_win" in msg
+
+
+# ZeRO-Offload (configs/deepspeed/zero{2,3}_offload.json: "offload_optimizer": {"device": "cpu"} and
+# "zero_force_ds_cpu_optimizer": false, which lets DeepSpeed step a client optimizer on the offloaded fp32
+# partitions). DeepSpeed's CPU accelerator runs it on CPU processes. AdamW (the common case) and Adan (the
+# most state, and a step count kept in the param group) keep the CI run short.
+OFFLOAD = ("zero2_offload", "zero3_offload")
+OFFLOAD_NAMES = ["adamw_win", "adan_win"]
+
+
+@pytest.fixture(scope="module")
+def offload_results(tmp_path_factory):
+    return _trainer_runs(tmp_path_factory, OFFLOAD, OFFLOAD_NAMES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", OFFLOAD)
+@pytest.mark.parametrize("name,mode", common.combos(OFFLOAD_NAMES))
+def test_zero_offload_steps_on_the_c_kernel_and_matches_one_process(offload_results, stage, name, mode):
+    info = offload_results["info"][f"{stage}/{name}/{mode}"]
+    assert info["offload"], f"{stage}: DeepSpeed did not offload the optimizer ({info})"
+    assert info["step_path"] == "c kernel" and info["state_devices"] == ["cpu"], info
+    _assert_matches_one_process(offload_results, stage, name, mode)
+    full = common.param_count() * 4 * common.buffers(name, mode)
+    assert offload_results["state_bytes"][f"{stage}/{name}/{mode}"] * 2 == full
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", OFFLOAD)
+def test_resume_from_zero_offload_checkpoint_continues_exactly(offload_results, stage):
+    _assert_resumed_exactly(offload_results, stage)

@@ -19,6 +19,9 @@ import yaml
 
 from example_testing import load_script  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
+import launch  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "image_classification"
 SCRIPT = EXAMPLES / "run_image_classification.py"
@@ -37,8 +40,8 @@ def ric():
 
 @pytest.fixture(scope="module")
 def utils(ric):
-    """The module both example scripts share (imported by the Trainer script)."""
-    return sys.modules["image_classification_utils"]
+    """The recipes' module beside the scripts (imported by the Trainer script)."""
+    return sys.modules["paper_recipes"]
 
 
 def _results(out_dir):
@@ -206,7 +209,7 @@ def test_tiny_resnet_on_the_offline_default(ric, tmp_path):
 
 def test_pure_bfloat16_training_with_bf16_state_and_stochastic_rounding(ric, tmp_path):
     """--torch_dtype bfloat16 keeps the parameters in bfloat16; the optimizer keeps bfloat16 state and writes
-    the parameters back with stochastic rounding (issue 14, through the example)."""
+    the parameters back with stochastic rounding, through the example."""
     out = tmp_path / "out"
     results = ric.run(["--config_overrides", TINY, "--max_steps", "3", "--per_device_train_batch_size", "16",
                        "--output_dir", str(out), "--disable_tqdm", "true", "--torch_dtype", "bfloat16",
@@ -235,11 +238,62 @@ def test_tiny_resnet_on_an_image_folder(ric, image_folder, tmp_path):
     assert json.load(open(out / "trainer_state.json"))["global_step"] == 3
 
 
+def test_argument_file_with_optim_args_as_a_mapping(ric, utils, tmp_path):
+    """``optim_args:`` as a YAML mapping reaches the optimizer through the example's argument files and through
+    ``HfArgumentParser.parse_yaml_file`` alike."""
+    from transformers import HfArgumentParser
+
+    from hf_win import WinTrainingArguments
+
+    path = tmp_path / "args.yaml"
+    path.write_text(f"optim: adamw_win\nacceleration_mode: win2\noptim_args:\n  amsgrad: true\n  rounding_seed: 7\n"
+                    f"learning_rate: 0.003\noutput_dir: {tmp_path / 'out'}\n")
+    from_example = ric.parse_arguments([str(path)])[3]
+    parser = HfArgumentParser((ric.ModelArguments, ric.DataTrainingArguments, utils.AugmentationArguments,
+                               WinTrainingArguments))
+    from_yaml = parser.parse_yaml_file(str(path))[3]
+    for training_args in (from_example, from_yaml):
+        trainer = ric.ImageClassificationTrainer(model=torch.nn.Linear(2, 2), args=training_args,
+                                                 batch_augment=torch.nn.Identity(), eval_dataset=[{}])
+        optimizer = trainer.create_optimizer()
+        inner = getattr(optimizer, "optimizer", optimizer)
+        assert inner.defaults["amsgrad"] is True and inner.defaults["rounding_seed"] == 7
+        assert inner.defaults["acceleration_mode"] == "win2" and inner.defaults["lr"] == 0.003
+    # the file's values come over the offline default's (lr 2e-3) and under the command line's
+    assert ric.parse_arguments([str(path), "--learning_rate", "0.004"])[3].learning_rate == 0.004
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the launch without a GPU")
+def test_torchrun_without_a_gpu_trains_one_job_on_cpu_processes(ric, image_folder, tmp_path):
+    """torchrun --nproc_per_node 2, no GPU, no --use_cpu: one job on 2 CPU processes (gloo), said once in the log,
+    ending with the parameters of 1 process with the same global batch (two processes training alone, as the
+    launch ran unasked before, end elsewhere: each steps on its own 4 images). Deterministic crops (scale and
+    ratio 1: the central square), so both runs see the same pixels; 24 images, 3 global batches of 8."""
+    common = ["--train_dir", str(image_folder / "train"), "--validation_dir", str(image_folder / "validation"),
+              "--config_overrides", TINY, "--max_steps", "3",
+              "--learning_rate", "1e-2", "--acceleration_mode", "win2", "--random_resized_crop_scale", "1", "1",
+              "--random_resized_crop_ratio", "1", "1", "--horizontal_flip_prob", "0", "--do_eval", "false",
+              "--report_to", "none", "--disable_tqdm", "true"]
+    ric.run(common + ["--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    out = launch.run(launch.torchrun(str(SCRIPT), *common, "--per_device_train_batch_size", "4",
+                                     "--output_dir", str(tmp_path / "two")), timeout=300)
+    assert out.count("no GPU visible: training as one job on 2 CPU processes (gloo)") == 1, out[-3000:]
+    from safetensors.torch import load_file
+
+    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert diff < 1e-4, f"2 processes differ from 1 by {diff:.3e}"  # a step moves them by ~1e-2
+    assert json.load(open(tmp_path / "two" / "trainer_state.json"))["global_step"] == 3
+
+
 def test_distributed_configs_parse():
-    """accelerate launch files and DeepSpeed JSON parse and say what their names say (run by issue 5's tests)."""
+    """accelerate launch files and DeepSpeed JSON parse and say what their names say (the DeepSpeed files also
+    train in tests/test_distributed_deepspeed.py)."""
     accel = {os.path.basename(p): yaml.safe_load(open(p)) for p in glob.glob(str(CONFIGS / "accelerate" / "*.yaml"))}
     assert set(accel) == {"ddp.yaml", "multi_node.yaml", "fsdp2.yaml", "deepspeed_zero1.yaml",
-                          "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
+                          "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "deepspeed_zero2_offload.yaml",
+                          "deepspeed_zero3_offload.yaml"}
     assert accel["ddp.yaml"]["distributed_type"] == "MULTI_GPU"
     assert accel["multi_node.yaml"]["num_machines"] > 1
     assert accel["fsdp2.yaml"]["fsdp_config"]["fsdp_version"] == 2
@@ -250,11 +304,18 @@ def test_distributed_configs_parse():
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["zero_allow_untested_optimizer"] is True
         assert "optimizer" not in ds  # the optimizer is the Trainer's (Win), not one of DeepSpeed's
+    for stage in (2, 3):  # ZeRO-Offload: the Win optimizer steps the offloaded partitions on the CPU
+        cfg = accel[f"deepspeed_zero{stage}_offload.yaml"]
+        ds = json.load(open(ROOT / cfg["deepspeed_config"]["deepspeed_config_file"]))
+        assert ds["zero_optimization"]["stage"] == stage and "optimizer" not in ds
+        assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert ds["zero_force_ds_cpu_optimizer"] is False and ds["zero_allow_untested_optimizer"] is True
 
 
 def test_batch_augment_targets(utils):
-    """Soft targets: label smoothing as timm's mixup_target, rows sum to 1, mixing pairs the batch with its
-    reverse, cutmix's lam is the true area of the box."""
+    """Soft targets: label smoothing as timm's mixup_target, rows sum to 1. CutMix (kornia's): one box for the
+    whole batch, each image pasted from another image of the batch, and each row's target weighs its own label
+    by the share of the image kept (lam) and the pasted image's label by the rest."""
     aug = utils.AugmentationArguments(mixup_alpha=0.0, cutmix_alpha=1.0)
     ba = utils.BatchAugment([0.5] * 3, [0.5] * 3, 4, aug, label_smoothing=0.2)
     labels = torch.tensor([0, 1, 2, 3, 1, 0])
@@ -268,13 +329,60 @@ def test_batch_augment_targets(utils):
     assert torch.allclose(target.sum(1), torch.ones(6))
     normalized = (x - 0.5) / 0.5
     from_self = (mixed == normalized).float().mean(dim=(1, 2, 3))
-    from_other = (mixed == normalized.flip(0)).float().mean(dim=(1, 2, 3))
-    # sample 2 (label 2) is paired with sample 3 (label 3): target[2, 2] = lam * 0.85 + (1 - lam) * 0.05
-    lam = (float(target[2, 2]) - 0.05) / 0.8
+    from_other = (mixed[:, None] == normalized[None]).float().mean(dim=(2, 3, 4))  # [row, image]
+    boxes, n_mixed = set(), 0
+    for i in range(6):
+        if float(from_self[i]) == 1.0:  # paired with itself: nothing to mix
+            torch.testing.assert_close(target[i], t[i])
+            continue
+        j = max((k for k in range(6) if k != i), key=lambda k: float(from_other[i, k]))
+        lam = float(from_self[i])  # lam is the share of the image kept ...
+        assert 0.0 < lam < 1.0 and float(from_other[i, j]) == pytest.approx(1 - lam, abs=1e-6)  # ... the rest is j's
+        torch.testing.assert_close(target[i], lam * t[i] + (1 - lam) * t[j])
+        boxes.add(tuple((mixed[i] != normalized[i]).any(0).flatten().tolist()))
+        n_mixed += 1
+    assert n_mixed >= 2 and len(boxes) == 1  # one box for the batch (timm's 'batch' mode)
+
+
+def test_cutmix_share_kept_follows_beta(utils):
+    """kornia's CutMix as the recipes configure it: over many batches the share of each image kept follows
+    Beta(alpha, alpha), as in timm (up to the box's whole pixels), for the alpha given, not another."""
+    from scipy import stats
+
+    ba = utils.BatchAugment([0.0] * 3, [1.0] * 3, 2, utils.AugmentationArguments(cutmix_alpha=0.3), 0.0)
+    x = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)])
+    torch.manual_seed(0)
+    kept = []
+    for _ in range(600):
+        mixed, target = ba(x, torch.tensor([0, 1]))
+        share = float((mixed[0] == 0).float().mean())
+        assert float(target[0, 0]) == pytest.approx(share, abs=1e-6)  # the target weighs what the image holds
+        if share < 1.0:  # paired with the other image and a box of at least one pixel
+            kept.append(share)
+    assert len(kept) > 200
+    # The box's side is floor(sqrt(1 - lam) * 16) pixels, so at every share k a box can leave, P(kept <= k) is
+    # P(lam <= k), here given a box of at least one pixel (lam <= 1 - 1/16**2).
+    kept = np.array(kept)
+    shares = np.unique(kept)
+    observed = np.array([(kept <= k).mean() for k in shares])
+    beta = stats.beta(0.3, 0.3)
+    assert np.abs(observed - beta.cdf(shares) / beta.cdf(1 - 1 / 16**2)).max() < 0.08
+    assert np.abs(observed - shares).max() > 0.15  # not Beta(1, 1): the alpha given reaches kornia
+
+
+def test_mixup_blends_each_image_with_the_batch_reversed(utils):
+    """Mixup (ours: kornia's MixUp draws its weight uniformly, the recipes need Beta(alpha, alpha)): one weight
+    for the batch, image i blended with image B-1-i, targets blended alike."""
+    ba = utils.BatchAugment([0.0] * 3, [1.0] * 3, 4, utils.AugmentationArguments(mixup_alpha=0.8), 0.1)
+    labels = torch.tensor([0, 1, 2, 3])
+    x = torch.rand(4, 3, 4, 4)
+    np.random.seed(0)
+    mixed, target = ba(x, labels)
+    lam = float((mixed[0] - x[3]).flatten()[0] / (x[0] - x[3]).flatten()[0])
     assert 0.0 < lam < 1.0
-    assert float(target[2, 3]) == pytest.approx((1 - lam) * 0.85 + lam * 0.05)
-    assert float(from_self[2]) == pytest.approx(lam, abs=1e-6)  # lam is the share of the image kept
-    assert float(from_other[2]) == pytest.approx(1 - lam, abs=1e-6)
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
+    t = ba.soft_targets(labels)
+    torch.testing.assert_close(target, lam * t + (1 - lam) * t.flip(0))
 
 
 def test_random_resized_crop_box_in_bounds(utils):
@@ -328,3 +436,12 @@ def test_error_config_does_not_parse(ric, capsys, tmp_path):
     unknown.write_text("optim: adamw_win\nlearning_rte: 0.001\n")
     line = _error_line(ric, capsys, [str(unknown)])
     assert "unknown argument 'learning_rte'" in line
+
+
+
+def test_error_argument_file_value_not_among_the_choices(ric, capsys, tmp_path):
+    """A file's value is checked against the argument's choices as the command line's is."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("weight_decay_filter: timmm\n")
+    line = _error_line(ric, capsys, [str(bad), "--output_dir", str(tmp_path)])
+    assert line == f"error: {bad}: weight_decay_filter must be one of trainer, timm, all, got 'timmm'"

@@ -87,18 +87,32 @@ def test_offline_default_with_a_tiny_resnet_reports_top1_and_top5(nt, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one_under_torchrun_and_accelerate_launch(nt, image_folder, tmp_path):
-    """The same global batch (8) on 1 process and on 2 CPU processes (4 each): the same parameters."""
+    """The same global batch (8) on 1 process and on 2 CPU processes (4 each): the same parameters. Without a
+    GPU the launches need no --cpu: the script runs them as CPU processes (gloo) and says so once."""
     common = ["--max_train_steps", "3", "--acceleration_mode", "win2"]
     _run(nt, _folder_args(image_folder, tmp_path / "one", *common, "--per_device_train_batch_size", "8"))
     one = load_file(tmp_path / "one" / "model.safetensors")
-    two = _folder_args(image_folder, None, *common, "--per_device_train_batch_size", "4", "--cpu", "true")
+    gpu = torch.cuda.is_available()
+    two = _folder_args(image_folder, None, *common, "--per_device_train_batch_size", "4", *(["--cpu", "true"] if gpu else []))
     for name, command in (("torchrun", launch.torchrun), ("accelerate", launch.accelerate_launch)):
         out = tmp_path / name
         two[two.index("--output_dir") + 1] = str(out)
-        launch.run(command(str(SCRIPT), *two), timeout=240)
+        log = launch.run(command(str(SCRIPT), *two), timeout=240)
         diff = _max_diff(one, load_file(out / "model.safetensors"))
         assert diff < ATOL, f"{name}: 2 processes differ from 1 by {diff:.3e}"
         assert json.load(open(out / "all_results.json"))["train_steps"] == 3
+        assert gpu or log.count("no GPU visible: training as one job on 2 CPU processes (gloo)") == 1, log[-3000:]
+
+
+def test_argument_file_with_optim_args_as_a_mapping(nt, image_folder, tmp_path):
+    """``optim_args:`` as a YAML mapping in an argument file reaches the optimizer (the checkpoint's groups), and
+    a number for a text flag (``checkpointing_steps: 1``) is read as the command line would read it."""
+    path = tmp_path / "args.yaml"
+    path.write_text("optim: adamw_win\noptim_args:\n  amsgrad: true\n  rounding_seed: 7\ncheckpointing_steps: 1\n")
+    _run(nt, [str(path), *_folder_args(image_folder, tmp_path / "out", "--max_train_steps", "1",
+                                       "--per_device_train_batch_size", "4")])
+    groups = torch.load(tmp_path / "out" / "step_1" / "optimizer.bin", weights_only=False)["param_groups"]
+    assert groups and all(g["amsgrad"] is True and g["rounding_seed"] == 7 for g in groups)
 
 
 def _error_line(nt, capsys, argv):

@@ -123,9 +123,8 @@ def test_threads_build_a_key_once():
 def test_concurrent_processes_share_one_complete_file(tmp_path):
     _need_cc()
     script = (
-        "import importlib.util, json, sys\n"
-        f"spec = importlib.util.spec_from_file_location('kc', {cache.__file__!r})\n"
-        "kc = importlib.util.module_from_spec(spec); spec.loader.exec_module(kc)\n"
+        "import json\n"
+        "from hf_win.optim.kernels import cache as kc\n"
         f"lib = kc.load_or_build({SRC!r}, {ENTRY!r}, {FLAGS!r})\n"
         "print(json.dumps([lib.hf_win_probe(), kc.counters()]))\n"
     )
@@ -147,8 +146,8 @@ def test_truncated_library_is_detected_by_hash_never_dlopened_and_rebuilt(dlopen
     cache.load_or_build(SRC, ENTRY, FLAGS)
     so, sidecar = _paths()
     size = os.path.getsize(so)
-    with open(so, "rb") as f:  # a full disk or a killed writer left half a file (the old cache then died
-        _put(so, f.read()[: size // 2])  # of SIGBUS)
+    with open(so, "rb") as f:  # a full disk or a killed writer left half a file (loading it would die of
+        _put(so, f.read()[: size // 2])  # SIGBUS)
     cache._reset_for_tests()
     del dlopened[:]
     with pytest.warns(cache.KernelCacheWarning, match=r"refusing the cached library .*hf_win_.*\.so: its SHA-256"):
@@ -335,7 +334,7 @@ def test_default_folder_is_created_private(tmp_path, monkeypatch):
 def test_cc_with_arguments_is_honoured(monkeypatch):
     _need_cc()
     cc = cache.compiler()[0][0]
-    # Compiles only if the arguments reach the compiler (the old code looked CC up as one program name).
+    # Compiles only if the arguments reach the compiler ($CC is a command line, not one program name).
     monkeypatch.setenv("CC", f"env HF_WIN_UNUSED=1 {cc} -DHF_WIN_VALUE=42")
     cache._reset_for_tests()
     argv, identity = cache.compiler()

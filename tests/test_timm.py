@@ -2,8 +2,13 @@
 
 Runs where timm (>= 1.0.12) imports; where torchvision does not import beside this torch, through the test-only
 stand-in in tests/torchvision_standin.py (timm's optimizer factory uses nothing of torchvision).
+``bash scripts/bootstrap.sh test`` installs timm for these tests in ``<venv>/timm-for-tests``, a folder of its own
+(in the venv, timm without torchvision would break accelerate's CLI), which is on the path while timm imports.
 """
 
+import contextlib
+import os
+import sys
 import types
 
 import pytest
@@ -12,16 +17,31 @@ import transformers  # noqa: F401  (imported before the stand-in exists: it must
 
 import torchvision_standin
 
-with torchvision_standin.installed():
+
+@contextlib.contextmanager
+def _timm_for_tests_on_path():
+    folder = os.path.join(sys.prefix, "timm-for-tests")
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+
+
+with torchvision_standin.installed(), _timm_for_tests_on_path():
     timm = pytest.importorskip("timm")
     timm_optim = pytest.importorskip("timm.optim")
     if not hasattr(timm_optim, "OptimInfo"):
         pytest.skip("timm < 1.0.12 has no optimizer registry", allow_module_level=True)
     import hf_win.timm as hf_win_timm
 
+import hf_win  # noqa: E402
 from hf_win.registry import OPTIMIZERS  # noqa: E402
 
-NAMES = [(f"{name[:-4]}-{mode}", name, mode) for name in OPTIMIZERS for mode in ("win", "win2")]
+OWN = [name for name, spec in OPTIMIZERS.items() if not issubclass(spec.cls, hf_win.Win)]
+NAMES = [(f"{name[:-4]}-{mode}", name, mode) for name in OWN for mode in ("win", "win2")]
+# The registry's Win(base) optimizers (torch.optim's Adafactor, NAdam, RAdam, Muon inside hf_win.Win).
+WRAPPED = [(f"{name[:-4]}-{mode}", name, mode) for name in OPTIMIZERS if name not in OWN for mode in ("win", "win2")]
 
 
 class Net(torch.nn.Module):
@@ -43,7 +63,8 @@ class Net(torch.nn.Module):
 
 
 def test_the_ten_names_are_registered():
-    assert hf_win_timm.TIMM_NAMES == tuple(n for n, _, _ in NAMES)
+    assert hf_win_timm.TIMM_NAMES == tuple(n for n, _, _ in NAMES + WRAPPED)
+    assert len(WRAPPED) == 8 and {"muon-win2", "adafactor-win", "nadam-win", "radam-win2"} <= set(hf_win_timm.TIMM_NAMES)
     assert len(NAMES) == 10 and "adamw-win2" in hf_win_timm.TIMM_NAMES and "adan-win" in hf_win_timm.TIMM_NAMES
     listed = timm_optim.list_optimizers("*-win*")
     assert set(hf_win_timm.TIMM_NAMES) <= set(listed)
@@ -87,3 +108,23 @@ def test_train_py_arguments_reach_the_optimizer():
     assert timm_optim.create_optimizer_v2(Net(), opt="lamb-win2", acceleration_mode="none").defaults["acceleration_mode"] == "none"
     wrapped = timm_optim.create_optimizer_v2(Net(), opt="lookahead_sgd-win", lr=0.1)
     assert type(wrapped).__name__ == "Lookahead" and type(wrapped._base_optimizer) is OPTIMIZERS["sgd_win"].cls
+
+
+@pytest.mark.parametrize("timm_name,name,mode", WRAPPED)
+def test_create_optimizer_v2_builds_the_wrapped_optimizers(timm_name, name, mode):
+    """timm's groups reach the Win(base) optimizer with their decay integrated by Win (win_weight_decay; the base
+    decays nothing); muon-win* puts 2-D matrices on Muon and timm's fallback_list on AdamW."""
+    model = Net()
+    opt = timm_optim.create_optimizer_v2(model, opt=timm_name, lr=0.01, weight_decay=0.05,
+                                         fallback_list=["fc2.*"] if name == "muon_win" else ())
+    assert type(opt) is OPTIMIZERS[name].cls and opt.defaults["acceleration_mode"] == mode
+    decay = {id(p): g["win_weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
+    assert decay[id(model.fc1.weight)] == 0.05 and decay[id(model.pos_embed)] == 0.0 and decay[id(model.fc1.bias)] == 0.0
+    if name == "muon_win":
+        muon = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+        assert muon == {id(model.fc1.weight)}  # fc2.weight is 2-D but on timm's fallback list
+    model(torch.randn(5, 3, 4)).pow(2).sum().backward()
+    before = model.fc1.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, model.fc1.weight) and ("y" in opt.state[model.fc1.weight]) == (mode == "win2")

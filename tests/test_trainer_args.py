@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 from transformers import HfArgumentParser
 from transformers.training_args import OptimizerNames
@@ -66,6 +67,25 @@ def test_json_and_yaml_files(tmp_path, fmt):
     path.write_text(json.dumps(bad) if fmt == "json" else yaml.safe_dump(bad))
     with pytest.raises(ValueError, match="acceleration_mode must be one of win, win2, none"):
         parser.parse_json_file(path) if fmt == "json" else parser.parse_yaml_file(path)
+
+
+def test_optim_args_as_an_object_string_what_an_argument_files_mapping_becomes_on_a_command_line():
+    import torch
+
+    from hf_win.optim_args import format_optim_args, optim_args_mapping, parse_win_optim_args
+
+    args = parse_cli("--optim_args", json.dumps({"amsgrad": True, "state_dtype": "bfloat16", "rounding_seed": 3}))
+    assert args.optim_args == "amsgrad=True,state_dtype=bfloat16,rounding_seed=3"
+    kw = get_optimizer_cls_and_kwargs(args)[1]
+    assert (kw["amsgrad"], kw["state_dtype"], kw["rounding_seed"]) == (True, "bfloat16", 3)
+    assert parse_win_optim_args("sgd_win", "{nesterov: false, momentum: 0.5}") == {"nesterov": False, "momentum": 0.5}
+    assert format_optim_args({"state_dtype": torch.bfloat16, "maximize": False}) == "state_dtype=bfloat16,maximize=False"
+    for bad, message in (("{[1, 2]}", "is not a JSON/YAML mapping"), ("{amsgrad: [", "is not a JSON/YAML mapping"),
+                         ('{"amsgrad": maybe}', "amsgrad='maybe' for adamw_win is not valid")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_cli("--optim_args", bad)
+    with pytest.raises(ValueError, match="is not a mapping of keys to values"):
+        optim_args_mapping("[1, 2]")
 
 
 def test_builtin_names_unchanged():
@@ -137,7 +157,7 @@ def test_optim_args_keys_follow_the_registry():
 def test_every_optim_args_key_reaches_the_optimizer():
     values = {"bool": "false", "bool|none": "false", "float": "0.5", "int": "7", "dtype|none": "bfloat16"}
     expected = {"bool": False, "bool|none": False, "float": 0.5, "int": 7, "dtype|none": "bfloat16"}
-    for name in OPTIMIZERS:
+    for name in (n for n, spec in OPTIMIZERS.items() if not spec.wraps_base):  # Win(base): test_wrapped_optimizers
         keys = optim_args_keys(name)
         s = ",".join(f"{k}={values[kind]}" for k, kind in keys.items())
         args = WinTrainingArguments(output_dir="x", report_to="none", optim=name, optim_args=s)
@@ -168,16 +188,6 @@ def test_help_explains_the_flags():
         assert name in flat
 
 
-def test_readme_optim_args_table_matches_the_registry():
-    from pathlib import Path
-
-    from hf_win.training_args import optim_args_markdown_table
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("<!-- section:trainer -->"):readme.index("<!-- /section:trainer -->")]
-    assert optim_args_markdown_table() in section, "regenerate with hf_win.training_args.optim_args_markdown_table()"
-
-
 def test_importing_hf_win_does_not_import_the_trainer_stack_nor_timm():
     import subprocess
     import sys
@@ -187,3 +197,52 @@ def test_importing_hf_win_does_not_import_the_trainer_stack_nor_timm():
     code = ("import sys, hf_win; assert 'transformers.trainer' not in sys.modules, 'eager Trainer import'; "
             "hf_win.WinTrainer, hf_win.WinTrainingArguments; assert 'timm' not in sys.modules, 'timm imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+# --------------------------------------------------------------- low-precision keys through --optim_args
+def test_optim_args_reach_the_optimizer():
+    args = hf_win.WinTrainingArguments(
+        output_dir="unused", report_to="none", optim="adamw_win", acceleration_mode="win2",
+        optim_args="state_dtype=bfloat16,bf16_stochastic_round=True,rounding_seed=5",
+    )
+    cls, kwargs = hf_win.get_optimizer_cls_and_kwargs(args)
+    assert kwargs["state_dtype"] == "bfloat16" and kwargs["bf16_stochastic_round"] is True
+    assert kwargs["rounding_seed"] == 5
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = cls([p], **kwargs)
+    p.grad = torch.ones(8, dtype=torch.bfloat16)
+    opt.step()
+    assert opt.param_groups[0]["bf16_stochastic_round"] is True
+    assert {v.dtype for v in opt.state[p].values() if torch.is_tensor(v)} == {torch.bfloat16}
+    from hf_win.trainer import optimizer_state_bytes
+
+    assert optimizer_state_bytes(cls, kwargs, [torch.zeros(10)]) == 4 * 10 * 2  # 4 bf16 buffers
+
+
+@pytest.mark.parametrize("optim_args, match", [
+    ("state_dtype=float16", "state_dtype takes float32, bfloat16 or none"),
+    ("bf16_stochastic_round=maybe", "bf16_stochastic_round takes true/false"),
+    ("rounding_seed=1.5", r"rounding_seed takes an integer in \[0, 2\*\*31\)"),
+    ("rounding_seed=-3", "rounding_seed takes an integer"),
+])
+def test_bad_optim_args_are_refused_when_the_arguments_are_built(optim_args, match):
+    with pytest.raises(ValueError, match=match):
+        hf_win.WinTrainingArguments(output_dir="unused", report_to="none", optim="sgd_win", optim_args=optim_args)
+
+
+def test_optim_args_as_a_mapping():
+    args = hf_win.WinTrainingArguments(
+        output_dir="unused", report_to="none", optim="lamb_win",
+        optim_args={"state_dtype": "bfloat16", "rounding_seed": 3, "bf16_stochastic_round": False},
+    )
+    _, kwargs = hf_win.get_optimizer_cls_and_kwargs(args)
+    assert (kwargs["state_dtype"], kwargs["rounding_seed"], kwargs["bf16_stochastic_round"]) == ("bfloat16", 3, False)
+
+
+def test_the_command_line_reaches_the_optimizer():
+    (args,) = HfArgumentParser(hf_win.WinTrainingArguments).parse_args_into_dataclasses([
+        "--output_dir", "unused", "--report_to", "none", "--optim", "sgd_win", "--acceleration_mode", "win2",
+        "--optim_args", "state_dtype=bfloat16,bf16_stochastic_round=True",
+    ])
+    cls, kwargs = hf_win.get_optimizer_cls_and_kwargs(args)
+    assert cls is hf_win.SGD and kwargs["state_dtype"] == "bfloat16" and kwargs["bf16_stochastic_round"] is True

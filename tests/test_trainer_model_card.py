@@ -1,4 +1,4 @@
-"""The model card and trainer_state.json say which Win ran (a win and a win2 run used to get the same card)."""
+"""The model card and trainer_state.json say which Win ran (a win and a win2 run get different cards)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -21,8 +22,13 @@ def _inner(opt):
     return getattr(opt, "optimizer", opt)
 
 
+#: hf_win's own optimizers; the Win(base) names (no optimizer clipping, decay integrated per group under another
+#: key) train under the Trainer in test_wrapped_optimizers.py.
+OWN = [name for name, spec in OPTIMIZERS.items() if not spec.wraps_base]
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", OWN)
 def test_every_registry_optimizer_trains_under_trainer(tmp_path, name, mode, caplog):
     # Linear warmup from lr 0: the first Win step has lr == 0 (the public code divides by zero there).
     betas = {} if name == "sgd_win" else dict(adam_beta1=0.85, adam_beta2=0.95)
@@ -114,7 +120,7 @@ def test_builtin_optimizer_names_still_work(tmp_path):
     assert cls2 is torch.optim.SGD
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", OWN)
 def test_optimizer_own_clipping_is_off_and_standard_fields_map(tmp_path, name):
     args = WinTrainingArguments(**base_args(tmp_path, optim=name, learning_rate=0.3, weight_decay=0.2,
                                             adam_epsilon=1e-5 if name != "sgd_win" else 1e-8))
@@ -125,3 +131,41 @@ def test_optimizer_own_clipping_is_off_and_standard_fields_map(tmp_path, name):
     assert opt.defaults["max_grad_norm"] == 0.0  # LAMB's constructor default is 1.0
     if name != "sgd_win":
         assert opt.defaults["eps"] == 1e-5
+
+
+def test_always_adapt_is_reachable_from_the_trainers_optim_args():
+    args = WinTrainingArguments(output_dir="x", report_to="none", optim="lamb_win", optim_args="always_adapt=true")
+    cls, kw = get_optimizer_cls_and_kwargs(args)
+    assert cls is hf_win.LAMB and kw["always_adapt"] is True and kw["weight_decay"] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the trust ratio is on: no warning
+        opt = cls([torch.nn.Parameter(torch.ones(2))], **kw)
+    assert opt.defaults["always_adapt"] is True
+    with pytest.raises(ValueError, match=r"capturable is not an --optim_args key"):
+        WinTrainingArguments(output_dir="x", report_to="none", optim="adamw_win", optim_args="capturable=true")
+
+
+def _lion_win():
+    """The extension example's optimizer (examples/extending/lion_win.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "extending"))
+    from lion_win import LionWin
+
+    return LionWin
+
+
+def test_lion_win_under_the_trainer(tmp_path, caplog):
+    LionWin = _lion_win()
+    model = tiny_vit()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = WinTrainingArguments(**base_args(tmp_path, max_steps=2))
+    with caplog.at_level(logging.INFO, logger="transformers.trainer"):
+        trainer = WinTrainer(model=model, args=args, train_dataset=TinyImages(n=16),
+                             optimizer_cls_and_kwargs=(LionWin, {"lr": 1e-3, "weight_decay": 0.1, "acceleration_mode": "win2"}))
+        trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert type(inner) is LionWin and trainer.win_optimizer_summary["class"] == "LionWin"
+    assert all({"exp_avg", "x", "y"} <= set(inner.state[p]) for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -1,10 +1,12 @@
 """Resuming a WinTrainer run from a checkpoint is exact (tiny ViT, CPU, fixed seeds), the checkpoints hold
-the Win state, and the ViT legacy-name checkpoint problem of transformers 5.x is fixed."""
+the Win state, and ViT checkpoints that transformers 5.x writes under the original parameter names load
+into the model (hf_win/_compat.py)."""
 
 from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import pytest
 import torch
@@ -146,3 +148,27 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
     reference = ViTForImageClassification.from_pretrained(best)
     for (n, p1), (_, p2) in zip(reference.named_parameters(), model.named_parameters()):
         assert torch.equal(p1, p2), n
+
+
+def test_trainer_resume_converts_another_mode_and_logs_what_it_did(tmp_path, caplog):
+    def run(sub, mode, resume=None, steps=2):
+        kw = base_args(tmp_path / sub, max_steps=steps, save_strategy="steps", save_steps=2, acceleration_mode=mode)
+        trainer = WinTrainer(model=tiny_vit(), args=WinTrainingArguments(**kw), train_dataset=TinyImages(n=32))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    run("first", "win")
+    ckpt = str(tmp_path / "first" / "checkpoint-2")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transformers.trainer"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        same = run("same", "win", resume=ckpt, steps=3)
+        switched = run("switched", "win2", resume=ckpt, steps=3)
+    assert "loaded as saved" in same.win_optimizer_resume
+    assert "acceleration_mode='win' and this optimizer was built with 'win2'" in switched.win_optimizer_resume
+    assert "Now: acceleration_mode win2" in switched.win_optimizer_resume
+    records = [r for r in caplog.records if "hf_win optimizer state from" in r.getMessage()]
+    assert [r.levelno for r in records] == [logging.INFO, logging.WARNING]
+    inner = getattr(switched.optimizer, "optimizer", switched.optimizer)
+    assert {g["acceleration_mode"] for g in inner.param_groups} == {"win2"}
+    assert all("y" in st for st in inner.state.values())

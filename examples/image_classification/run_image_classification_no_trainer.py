@@ -2,14 +2,14 @@
 """Image classification with the Win / Win2 optimizers in your own training loop, with 🤗 Accelerate.
 
 The counterpart of ``transformers/examples/pytorch/image-classification/run_image_classification_no_trainer.py``
-(same training flags) beside our Trainer script (same model, data and augmentation flags, from the shared
-``image_classification_utils``), plus ``--optim``, ``--acceleration_mode``, ``--reckless_steps``. The optimizer
-comes from ``hf_win.create_optimizer``.
+(same training flags) beside our Trainer script, whose model and data arguments, datasets and models it uses
+(and ``paper_recipes.py``'s augmentation), plus ``--optim``, ``--acceleration_mode``, ``--reckless_steps``. The
+optimizer comes from ``hf_win.create_optimizer``.
 
     python run_image_classification_no_trainer.py                      # the offline default: the digits
     accelerate launch --num_processes 8 run_image_classification_no_trainer.py --train_dir DIR \\
         --validation_dir DIR --optim lamb_win --acceleration_mode win2 --checkpointing_steps 1000 --output_dir out
-    torchrun --nproc_per_node 8 run_image_classification_no_trainer.py ...    # the same
+    torchrun --nproc_per_node 8 run_image_classification_no_trainer.py ...    # the same; no GPU: CPU processes (gloo)
     ... --resume_from_checkpoint out/step_1000
 
 Checkpoints (``--checkpointing_steps N|epoch``) are ``accelerator.save_state`` folders (``step_N``,
@@ -34,11 +34,13 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from transformers import SchedulerType, get_scheduler
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared module beside this script
-import image_classification_utils as utils  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts beside this one
+import paper_recipes as recipes  # noqa: E402
+import run_image_classification as ric  # noqa: E402  (the Trainer script: model and data arguments, datasets, models)
+from paper_recipes import UsageError  # noqa: E402
 from hf_win import create_optimizer  # noqa: E402
 from hf_win.metrics import load_top_k_accuracy  # noqa: E402
 from hf_win.optim import MODES  # noqa: E402
@@ -70,7 +72,8 @@ class TrainingArguments:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm (0: off), as the Trainer script."})
     label_smoothing_factor: float = field(default=0.0, metadata={"help": "Label smoothing, folded into the soft targets."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader worker processes."})
-    cpu: bool = field(default=False, metadata={"help": "Train on CPU processes even where a GPU is visible (accelerate's cpu)."})
+    cpu: bool = field(default=False, metadata={"help": "Train on CPU processes even where a GPU is visible (accelerate's cpu; "
+                                                "the default under a multi-process launch with no GPU)."})
     optim: str = field(default="adamw_win", metadata={"help": "The Win optimizer.", "choices": list(OPTIMIZERS)})
     acceleration_mode: str = field(default="win", metadata={"help": "win (one extra state), win2 (two) or none.", "choices": list(MODES)})
     reckless_steps: List[float] = field(default_factory=lambda: [2.0, 8.0], metadata={"help": "Reckless steps R1 R2 (> 0)."})
@@ -78,8 +81,6 @@ class TrainingArguments:
     adam_beta1: float = field(default=0.9, metadata={"help": "First beta (Adam-type optimizers, Adan)."})
     adam_beta2: float = field(default=0.999, metadata={"help": "Second beta (Adam-type optimizers, Adan)."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "Epsilon."})
-
-    do_train = True  # read by the shared split_and_check
 
     def __post_init__(self):
         check_win_fields(self, win=True)
@@ -101,6 +102,37 @@ DIGITS_TRAINING_DEFAULTS: Dict[str, Any] = {  # the Trainer script's offline def
 }
 
 
+class SeededTransformDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose per-image augmentation is a function of (seed, epoch, index) alone: the same
+    image gets the same crop, flip and RandAugment however many processes or loader workers there are, and a
+    run resumed mid-epoch sees exactly what the uninterrupted run saw (nothing here touches the global RNG).
+    Call :meth:`set_epoch` at the start of every epoch."""
+
+    def __init__(self, ds, transform, data_args, seed: int):
+        self.ds, self.transform, self.seed, self.epoch = ds, transform, int(seed), 0
+        self.image_column, self.label_column = data_args.image_column_name, data_args.label_column_name
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        example = self.ds[int(i)]
+        generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + int(i)) % 2**63)
+        return {"pixel_values": self.transform(example[self.image_column], generator), "labels": example[self.label_column]}
+
+
+def parse_arguments(argv: Optional[Sequence[str]] = None):
+    """``(model_args, data_args, aug_args, args, used_default_data)``: the Trainer script's model and data
+    arguments, the recipes' augmentation arguments and this script's training arguments."""
+    return recipes.parse_arguments(
+        (ric.ModelArguments, ric.DataTrainingArguments, recipes.AugmentationArguments, TrainingArguments), argv,
+        lambda given: ric.digits_defaults(given, DIGITS_TRAINING_DEFAULTS),
+        {"cpu": True} if ric.cpu_processes_launch() else {})
+
+
 def evaluate(model, eval_dataloader, batch_augment, accelerator, metric, ks):
     model.eval()
     predictions, references = [], []
@@ -114,20 +146,24 @@ def evaluate(model, eval_dataloader, batch_augment, accelerator, metric, ks):
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    model_args, data_args, aug_args, args, default_data = utils.parse_arguments(
-        argv, TrainingArguments, DIGITS_TRAINING_DEFAULTS)
+    model_args, data_args, aug_args, args, default_data = parse_arguments(argv)
     if data_args.streaming and args.max_train_steps is None:
-        raise utils.UsageError("--streaming needs --max_train_steps (a stream has no length to count epochs from)")
+        raise UsageError("--streaming needs --max_train_steps (a stream has no length to count epochs from)")
     tracking = dict(log_with=args.report_to, project_dir=args.output_dir) if args.with_tracking else {}
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=args.cpu,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **tracking)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    gloo = [InitProcessGroupKwargs(backend="gloo")] if args.cpu and launched > 1 else []  # not MPI where torch has it
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=args.cpu,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              kwargs_handlers=gloo, **tracking)
     if launched > accelerator.num_processes:  # each process would train alone on all the data
-        raise utils.UsageError(f"launched as {launched} processes, but Accelerate runs them as {accelerator.num_processes} "
-                               f"({accelerator.distributed_type}): on CPU processes add --cpu true")
+        raise UsageError(f"launched as {launched} processes, but Accelerate runs them as {accelerator.num_processes} "
+                         f"({accelerator.distributed_type}); --cpu true runs them as CPU processes")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    if ric.cpu_processes_launch():
+        logger.warning(f"{launched} processes launched and no GPU visible: training as one job on "
+                       f"{accelerator.num_processes} CPU processes ({accelerator.state.backend}).")
     transformers.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process else \
         transformers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
@@ -136,12 +172,14 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     accelerator.wait_for_everyone()
 
     with accelerator.main_process_first():
-        dataset = utils.load_data(data_args, model_args, default_data)
-        dataset, validation_key, labels = utils.split_and_check(dataset, data_args, args)
-        model, image_processor = utils.build_model(model_args, labels, args)
-        train_dataset, eval_dataset = utils.prepare_datasets(data_args, aug_args, dataset, validation_key,
-                                                             image_processor, args.seed, seeded=True)
-    loader = dict(collate_fn=utils.make_collate(), num_workers=args.dataloader_num_workers)
+        train_dataset, eval_dataset, labels = ric.load_data(data_args, model_args, default_data, args.seed)
+        model, image_processor = ric.build_model(model_args, labels, args)
+    size, mode = recipes.image_size_and_interpolation(image_processor, aug_args)
+    train_transform = recipes.TrainTransform(size, mode, aug_args)
+    train_dataset = (ric.with_transform(train_dataset, train_transform, data_args) if data_args.streaming  # global RNG
+                     else SeededTransformDataset(train_dataset, train_transform, data_args, args.seed))
+    eval_dataset = ric.with_transform(eval_dataset, recipes.EvalTransform(size, mode, aug_args.eval_crop_pct), data_args)
+    loader = dict(collate_fn=ric.collate_fn, num_workers=args.dataloader_num_workers)
     # Own generators: creating a loader's iterator does not draw from the global RNG (the step's mixup and drop
     # path do), so a resumed run's global RNG, restored by load_state, is the uninterrupted run's.
     train_dataloader = torch.utils.data.DataLoader(
@@ -150,7 +188,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     eval_dataloader = torch.utils.data.DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size,
                                                   generator=torch.Generator().manual_seed(args.seed), **loader)
 
-    decay = set(utils.decay_parameter_names(model, model_args.weight_decay_filter))
+    decay = set(recipes.decay_parameter_names(model, model_args.weight_decay_filter))
     groups = [{"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": args.weight_decay},
               {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0}]
     _, kwargs = win_optimizer_kwargs(args)  # lr, betas, eps, mode, reckless steps, --optim_args; clipping below
@@ -169,9 +207,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if args.with_tracking:
         accelerator.init_trackers("image_classification_no_trainer", {k: str(v) for k, v in vars(args).items()})
-    batch_augment = utils.BatchAugment(image_processor.image_mean, image_processor.image_std, len(labels), aug_args,
-                                       args.label_smoothing_factor, model_args.channels_last).to(accelerator.device)
-    metric, ks = load_top_k_accuracy(cache_dir=model_args.cache_dir), utils.top_k(len(labels))
+    batch_augment = recipes.BatchAugment(image_processor.image_mean, image_processor.image_std, len(labels), aug_args,
+                                         args.label_smoothing_factor, model_args.channels_last).to(accelerator.device)
+    metric, ks = load_top_k_accuracy(cache_dir=model_args.cache_dir), ric.top_k(len(labels))
 
     total = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training: {args.max_train_steps} steps of {total} images, {args.optim} "
@@ -189,8 +227,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
             starting_epoch = completed_steps // steps_per_epoch
             resume_batches = (completed_steps - starting_epoch * steps_per_epoch) * args.gradient_accumulation_steps
         else:
-            raise utils.UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a step_N or epoch_N "
-                                   "folder of this script (or a stream, which cannot resume mid-epoch)")
+            raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a step_N or epoch_N "
+                             "folder of this script (or a stream, which cannot resume mid-epoch)")
 
     def save(name):
         accelerator.save_state(os.path.join(args.output_dir or ".", name))
@@ -207,7 +245,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         for batch in active:
             with accelerator.accumulate(model):
                 x, target = batch_augment(batch["pixel_values"], batch["labels"])
-                loss = utils.soft_target_loss(model(pixel_values=x).logits, target, aug_args.bce_loss)
+                loss = recipes.soft_target_loss(model(pixel_values=x).logits, target, aug_args.bce_loss)
                 losses.append(loss.detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -237,8 +275,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     results = {**eval_metrics, "train_loss": train_loss, "train_steps": completed_steps}
     if args.output_dir is not None:
         accelerator.wait_for_everyone()
+        # get_state_dict gathers the whole parameters under FSDP (every process takes part)
         accelerator.unwrap_model(model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
-                                                        save_function=accelerator.save)
+                                                        save_function=accelerator.save,
+                                                        state_dict=accelerator.get_state_dict(model))
         if accelerator.is_main_process:
             image_processor.save_pretrained(args.output_dir)
             with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
@@ -252,7 +292,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run(argv)
-    except utils.UsageError as err:
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,7 @@ A base optimizer (``adamw.py``, ``adam.py``, ...) is a subclass that declares
 - ``_clip_style``: ``"standard"`` or ``"lamb"`` (see ``_clipping.py``);
 - ``_direction(ops, group, params, grads, states, steps)``: the direction ``u`` for a list of parameters,
   written with the ``_ops`` vocabulary; step-dependent scalars with operators or ``_ops.scalar_sqrt``.
-  The kernels trace it (``kernels/ir.py``); what it may read there is in ``docs/extending.md``.
+  The kernels trace it (``kernels/tracing.py``); what it may read there is in ``docs/extending.md``.
 
 Here: the step's orchestration (state creation, step counts, the arrays each parameter is stepped
 through) and its math (``step_tensors``: gradient preparation, the direction, the Win/Win2 step). Elsewhere,
@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _dispatch, _memory, _pickling, _state_dict
+from . import _advice, _dispatch, _memory, _pickling, _state_dict
 from ._clipping import clip_coefficient
 from ._precision import state_dtype
 from ._sharding import check_clipping_at_construction, stepping_partitions
@@ -69,6 +69,7 @@ class WinOptimizer(torch.optim.Optimizer):
         )
         normalize(defaults)
         check_group(type(self), defaults)
+        _advice.check_backend_setting()
         defaults["max_grad_norm"] = float(max_grad_norm)
         check_clipping_at_construction(type(self).__name__, max_grad_norm)
         self._registered_ids = set()  # ids of the parameters given to us (see _sharding.foreign_params)
@@ -92,10 +93,17 @@ class WinOptimizer(torch.optim.Optimizer):
         normalize(param_group)
         super().add_param_group(param_group)
         self._registered_ids.update(id(p) for p in self.param_groups[-1]["params"])
+        _advice.warn_inert_rounding(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        _pickling.upgrade(self)
+        self.__dict__.setdefault("_paths_taken", {})
+        if "_registered_ids" not in self.__dict__:  # unpickled; load_state_dict() keeps the live set, so
+            # flattened partitions (DeepSpeed loads ZeRO checkpoints this way) stay recognised as such
+            self._registered_ids = {id(p) for g in self.param_groups for p in g["params"]}
+        self.__dict__.setdefault("last_load_report", None)
+        self._reuse = {}  # unpickled or loaded: the next step decides afresh
+        _pickling.upgrade_groups(self.defaults, self.param_groups)
 
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict:
@@ -130,12 +138,16 @@ class WinOptimizer(torch.optim.Optimizer):
           warned.
         - ``max_grad_norm`` (SGD: also ``eps``) is one value for the optimizer: a checkpoint's other value
           is replaced by this optimizer's, warned.
-        - State buffers keep the dtype they were saved in (``state_dtype``; torch would cast them to the
-          parameter's dtype).
+        - ``state_dtype``: the one this optimizer was built with, when not None: the saved buffers are
+          converted to it (rounded to nearest), warned. Built with None, the checkpoint's (torch's rule;
+          None there too: the parameter's dtype), so bfloat16 state of float32 parameters stays bfloat16
+          (torch would cast it to the parameter's dtype).
+        - ``bf16_stochastic_round`` and ``rounding_seed``: the checkpoint's (torch's rule), warned when this
+          optimizer was built with other values.
         """
         converted, notes = _state_dict.prepare(self, state_dict)
         super().load_state_dict(converted)
-        _state_dict.keep_saved_dtypes(self, converted)
+        notes += _state_dict.set_loaded_dtypes(self, converted)
         _state_dict.finish(self)
         name = _state_dict.checkpoint_name(type(self))
         modes = sorted({g["acceleration_mode"] for g in self.param_groups})
@@ -207,17 +219,19 @@ class WinOptimizer(torch.optim.Optimizer):
             return like.detach().to(dtype=dtype, copy=True, memory_format=torch.preserve_format)
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _state_for(self, p: Tensor, grad: Tensor, group: dict, mode: str) -> dict:
+    def _state_for(self, p: Tensor, grad: Tensor, group: dict, mode: str, clip: Optional[Tensor] = None) -> dict:
         state = self.state[p]
         if any(k not in state for k in self._state_keys(group)):
-            # what the step calls the gradient: negated with maximize (Adan starts its pre_grad from it)
+            # what the step calls the gradient: clipped, negated with maximize (Adan starts its pre_grad from it)
+            if clip is not None:
+                grad = grad * clip.to(grad.device)
             self._init_state(p, grad.neg() if group.get("maximize", False) else grad, state, group)
         for key in extra_state_keys(mode):
             if key not in state:
                 state[key] = self._new_state(p, group, like=p)
         return state
 
-    def step_arrays(self, group: dict) -> list:
+    def step_array_names(self, group: dict) -> list:
         """The names of the arrays each parameter is stepped through, in order: ``"param"``, ``"grad"``,
         then the state buffers (the base optimizer's, then the Win sequences)."""
         return ["param", "grad", *self._state_keys(group), *extra_state_keys(group["acceleration_mode"])]
@@ -234,7 +248,7 @@ class WinOptimizer(torch.optim.Optimizer):
             group["step"] = group.get("step", 0) + 1
         if not params:
             return
-        names = self.step_arrays(group)
+        names = self.step_array_names(group)
         grads = [p.grad for p in params]
         reuse = self._reuse.get(index)
         if reuse is not None:
@@ -253,16 +267,17 @@ class WinOptimizer(torch.optim.Optimizer):
                 self._unadvance(group_step, reuse.states)  # decided afresh below
             del self._reuse[index]
         mode = group["acceleration_mode"]
-        states = [self._state_for(p, g, group, mode) for p, g in zip(params, grads)]
+        states = [self._state_for(p, g, group, mode, clip) for p, g in zip(params, grads)]
         steps = self._advance(group, group_step, states)
         keys = names[2:]
         # Complex parameters are stepped through their real views (as torch.optim does).
-        tensors = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] if p.is_complex() else [p, g, *(s[k] for k in keys)]
-                   for p, g, s in zip(params, grads, states)]
+        tensors = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] if p.is_complex()
+                   else [p, g, *(s[k] for k in keys)] for p, g, s in zip(params, grads, states)]
         plan = _dispatch.decide(self, group, tensors, steps, clip)
         _dispatch.run(self, group, plan, tensors, steps, pids, clip)
         self._paths_taken[index] = plan.paths
-        if plan.launches and not plan.eager and not any(p.is_complex() for p in params):
+        # not reused: plans with a fallback, of complex parameters, or of DTensor local shards (not in the signature)
+        if plan.launches and not plan.eager and not plan.local and not any(p.is_complex() for p in params):
             self._reuse[index] = _dispatch.Reuse(self, group, names, present, states, tensors, plan, pids,
                                                  _dispatch.signature(params, grads, states, keys))
 
@@ -283,7 +298,7 @@ class WinOptimizer(torch.optim.Optimizer):
         """One step of ``params`` (lists of tensors, ``states`` one dict per parameter) with ``ops`` (the
         ``_ops`` vocabulary): the gradient as the step uses it (``_prepare_grads``), then the base direction
         and the acceleration (``_apply``). The eager paths run exactly this, and the kernels trace it
-        (``kernels/ir.py``)."""
+        (``kernels/tracing.py``)."""
         grads = self._prepare_grads(ops, group, params, grads, clip)
         self._apply(ops, group, params, grads, states, steps)
 

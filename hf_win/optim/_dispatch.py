@@ -9,7 +9,10 @@ The rules, in order:
 1. A group asks for a kernel with ``fused=True``, and by default (``fused=None`` with ``foreach=None``);
    ``foreach=True/False`` or ``fused=False`` ask for an eager path (``kernel_requested``).
 2. Each parameter whose tensors (parameter, gradient, state) a kernel cannot take goes to the eager path,
-   with the reason (``unfused_reason``: not one local strided storage, empty, layouts that differ).
+   with the reason (``unfused_reason``: not one local strided storage, empty, layouts that differ). DTensor
+   (FSDP2) tensors sharded alike are taken as their local shards (``_sharding.local_shards``; an empty
+   local shard too, so that every process makes the same kernel calls), and a kernel call over them sums
+   its norms over the processes (``_sharding.sum_over_shards``).
 3. The rest is split into partitions of one device, one dtype per array and one step count; each gets the
    backend of its device (``kernels.backend_for``) and a kernel (``kernels.find``), or falls back with the
    reason. Every kernel is obtained before any runs, so a failure never leaves a tensor stepped twice.
@@ -27,7 +30,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _rounding, kernels
+from . import _rounding, _sharding, kernels
 from ._ops import FOREACH, PER_TENSOR
 from ._precision import compute_dtype, stochastic_arrays
 
@@ -80,10 +83,11 @@ class Plan:
     the eager path (``eager``, run as ``eager_path``) and ``paths``, what runs in words (the kernel first,
     then each fallback as ``"<eager path> (<reason>)"``), as ``step_path`` reports them."""
 
-    __slots__ = ("launches", "eager", "eager_path", "paths")
+    __slots__ = ("launches", "eager", "eager_path", "paths", "local")
 
     def __init__(self):
         self.launches: list = []
+        self.local: dict = {}  # index -> the local shards a kernel steps for a DTensor parameter
         self.eager: List[int] = []
         self.eager_path = ""
         self.paths: List[str] = []
@@ -93,17 +97,25 @@ class Plan:
             self.paths.append(label)
 
 
-def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], build: bool = True) -> Plan:
-    """The plan for ``arrays`` (per stepped parameter: param, grad, state buffers in the order of
-    ``opt.step_arrays(group)``) at ``steps``. ``build=False`` (``predict``): no kernel is built and nothing
+def decide(opt, group: dict, tensors: list, steps: list, clip: Optional[Tensor], build: bool = True) -> Plan:
+    """The plan for ``tensors`` (per stepped parameter: param, grad, state buffers in the order of
+    ``opt.step_array_names(group)``) at ``steps``. ``build=False`` (``predict``): no kernel is built and nothing
     logged; a partition whose backend is present counts as the kernel."""
     plan = Plan()
     name = type(opt).__name__
     if kernel_requested(group):
-        names = opt.step_arrays(group)
+        names = opt.step_array_names(group)
         parts: dict = {}
-        for i, ts in enumerate(arrays):
-            why = unfused_reason(ts)
+        for i, ts in enumerate(tensors):
+            sharding = None  # (mesh, placements) of a DTensor parameter stepped on its local shards
+            if _sharding.is_dtensor(ts[0]):
+                local, why = _sharding.local_shards(ts)
+                if local is not None:
+                    sharding = (ts[0].device_mesh, ts[0].placements)
+                    ts = plan.local[i] = local
+                    why = unfused_reason(ts) if ts[0].numel() else ""
+            else:
+                why = unfused_reason(ts)
             if why:
                 eager = eager_path(group, [ts[0]])
                 if build:
@@ -111,8 +123,8 @@ def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], 
                 plan.eager.append(i)
                 plan._fallback(f"{eager} ({why})")
                 continue
-            parts.setdefault((ts[0].device, tuple(t.dtype for t in ts), steps[i]), []).append(i)
-        for (device, dtypes, step), idx in parts.items():
+            parts.setdefault((ts[0].device, tuple(t.dtype for t in ts), steps[i], sharding), []).append(i)
+        for (device, dtypes, step, sharding), idx in parts.items():
             backend, why = kernels.backend_for(device)
             rounding = stochastic_arrays(group, dtypes)
             try:
@@ -126,7 +138,7 @@ def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], 
                     kernel, operands, clip_slot = kernels.find(opt, group, names, list(dtypes), rounding, backend,
                                                                step, clip, device)
             except kernels.Fallback as e:
-                reason, eager = str(e), eager_path(group, [arrays[i][0] for i in idx])
+                reason, eager = str(e), eager_path(group, [tensors[i][0] for i in idx])
                 if build and kernels.backend_setting() != "foreach":  # a fallback the user did not ask for
                     kernels.log_once(f"{reason}; the step runs on {eager} instead")
                 plan.eager.extend(idx)
@@ -135,15 +147,16 @@ def decide(opt, group: dict, arrays: list, steps: list, clip: Optional[Tensor], 
             if build:
                 seed = int(group.get("rounding_seed", 0))
                 streams = [_rounding.stream(seed, step, a) for a, on in enumerate(rounding) if on]
+                sync = _sharding.sum_over_shards(tensors[idx[0]][0]) if sharding is not None else None
                 plan.launches.append((kernel, idx, list(operands) + streams, device,
-                                      {} if clip_slot is None else {clip_slot: clip}))
+                                      {} if clip_slot is None else {clip_slot: clip}, sync))
             if f"{backend} kernel" not in plan.paths:
                 plan.paths.insert(0, f"{backend} kernel")
         plan.eager.sort()
     else:
-        plan.eager = list(range(len(arrays)))
+        plan.eager = list(range(len(tensors)))
     if plan.eager:
-        plan.eager_path = eager_path(group, [arrays[i][0] for i in plan.eager])
+        plan.eager_path = eager_path(group, [tensors[i][0] for i in plan.eager])
         if not plan.paths:
             plan.paths.append(plan.eager_path)
     return plan
@@ -157,63 +170,64 @@ def predict(opt, group: dict) -> List[str]:
     return plan.paths or [eager_path(group, params)]
 
 
-def run(opt, group: dict, plan: Plan, arrays: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
-    """Step ``arrays`` as ``plan`` says. ``pids``: each parameter's index among all the optimizer's
+def run(opt, group: dict, plan: Plan, tensors: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
+    """Step ``tensors`` as ``plan`` says. ``pids``: each parameter's index among all the optimizer's
     parameters (the stochastic rounding's ``tensor``)."""
-    for n, (kernel, idx, scalars, device, on_device) in enumerate(plan.launches):
-        ptrs = [t.data_ptr() for i in idx for t in arrays[i]]
+    for n, (kernel, idx, scalars, device, on_device, sync) in enumerate(plan.launches):
+        stepped = [plan.local.get(i, tensors[i]) for i in idx]
+        ptrs = [t.data_ptr() for ts in stepped for t in ts]
         try:
-            kernels.launch(kernel, ptrs, [arrays[i][0].numel() for i in idx], [pids[i] for i in idx], scalars,
-                           device, on_device)
+            kernels.launch(kernel, ptrs, [ts[0].numel() for ts in stepped], [pids[i] for i in idx], scalars, device,
+                           on_device, sync=sync)
         except Exception as e:  # a launch that failed: this call and the rest go to the eager path
-            _launch_failed(opt, group, plan, arrays, kernel, n, e)
+            _launch_failed(opt, group, plan, tensors, kernel, n, e)
             break
     if not plan.eager:
         return
     rest = plan.eager
-    if len(rest) != len(arrays):
-        arrays, steps, pids = [arrays[i] for i in rest], [steps[i] for i in rest], [pids[i] for i in rest]
-    _eager(opt, group, plan.eager_path, arrays, steps, pids, clip)
+    if len(rest) != len(tensors):
+        tensors, steps, pids = [tensors[i] for i in rest], [steps[i] for i in rest], [pids[i] for i in rest]
+    _eager(opt, group, plan.eager_path, tensors, steps, pids, clip)
 
 
-def _eager(opt, group: dict, path: str, arrays: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
+def _eager(opt, group: dict, path: str, tensors: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
     if path == "foreach":
-        run_eager(opt, group, arrays, steps, pids, clip, FOREACH)
+        run_eager(opt, group, tensors, steps, pids, clip, FOREACH)
     else:
-        for i in range(len(arrays)):
-            run_eager(opt, group, arrays[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip, PER_TENSOR)
+        for i in range(len(tensors)):
+            run_eager(opt, group, tensors[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip, PER_TENSOR)
 
 
-def _launch_failed(opt, group: dict, plan: Plan, arrays: list, kernel, n: int, error: Exception,
+def _launch_failed(opt, group: dict, plan: Plan, tensors: list, kernel, n: int, error: Exception,
                    rest: Optional[List[int]] = None) -> None:
     """Launch ``n`` of ``plan`` raised: its tensors and those of the later launches (``rest``; none of
     them touched: every table is built before a kernel's first launch) join the eager ones; the kernel is
     not used again (``kernels.broken``); logged once, reported by ``step_path``."""
     if rest is None:
-        rest = sorted(i for _, idx, _, _, _ in plan.launches[n:] for i in idx)
+        rest = sorted(i for launch in plan.launches[n:] for i in launch[1])
     reason = f"{type(opt).__name__}: the {kernel.backend} kernel failed to launch ({type(error).__name__}: {error})"
     kernels.broken(kernel, reason)
-    eager = eager_path(group, [arrays[i][0] for i in rest])
+    eager = eager_path(group, [tensors[i][0] for i in rest])
     kernels.log_once(f"{reason}; the step runs on {eager} instead")
     plan.launches = plan.launches[:n]
     plan.eager = sorted(plan.eager + rest)
-    plan.eager_path = eager_path(group, [arrays[i][0] for i in plan.eager])
+    plan.eager_path = eager_path(group, [tensors[i][0] for i in plan.eager])
     plan._fallback(f"{eager} ({reason})")
 
 
-def run_eager(opt, group: dict, arrays: list, steps: list, pids: list, clip: Optional[Tensor], ops) -> None:
-    """One eager call of ``opt.step_tensors`` over ``arrays`` with ``ops`` (``FOREACH`` or ``PER_TENSOR``).
+def run_eager(opt, group: dict, tensors: list, steps: list, pids: list, clip: Optional[Tensor], ops) -> None:
+    """One eager call of ``opt.step_tensors`` over ``tensors`` with ``ops`` (``FOREACH`` or ``PER_TENSOR``).
     Low-precision tensors are upcast to the compute dtype and the results written back (stochastically
     rounded where ``stochastic_arrays`` says)."""
-    names = opt.step_arrays(group)
-    compute = [compute_dtype([t.dtype for t in a]) for a in arrays]
-    work = [[t if t.dtype == c else t.to(c) for t in a] for a, c in zip(arrays, compute)]
+    names = opt.step_array_names(group)
+    compute = [compute_dtype([t.dtype for t in a]) for a in tensors]
+    work = [[t if t.dtype == c else t.to(c) for t in a] for a, c in zip(tensors, compute)]
     if clip is not None:
-        clip = clip.to(arrays[0][0].device)
+        clip = clip.to(tensors[0][0].device)
     opt.step_tensors(ops, group, [w[0] for w in work], [w[1] for w in work],
                      [dict(zip(names[2:], w[2:])) for w in work], steps, clip)
     seed = int(group.get("rounding_seed", 0))
-    for a, w, step, pid in zip(arrays, work, steps, pids):
+    for a, w, step, pid in zip(tensors, work, steps, pids):
         _rounding.write_back_arrays(a, w, stochastic_arrays(group, [t.dtype for t in a]), seed, step, pid)
 
 
@@ -239,7 +253,7 @@ class Reuse:
         self.setting = kernels.backend_setting()
         # per launch: kernel, device, dtypes, tensor indices, their element counts and ids
         self.parts = [(kernel, device, [t.dtype for t in arrays[idx[0]]], idx, [arrays[i][0].numel() for i in idx],
-                       [pids[i] for i in idx]) for kernel, idx, _, device, _ in plan.launches]
+                       [pids[i] for i in idx]) for kernel, idx, _, device, *_ in plan.launches]
 
     def matches(self, opt, group: dict, names: list, present: list, signature: list) -> bool:
         return (group is self.group and group["params"] is self.params and opt.state is self.state
@@ -282,7 +296,7 @@ def run_again(opt, group: dict, reuse: Reuse, params: list, grads: list, steps: 
             rest = [(i, pid) for part in reuse.parts[n:] for i, pid in zip(part[3], part[5])]
             arrays = [[params[i], grads[i], *(reuse.states[i][k] for k in names[2:])] for i, _ in rest]
             plan = Plan()
-            plan.launches = [(c[0], [], [], c[5], {}) for c in calls[: n + 1]]
+            plan.launches = [(c[0], [], [], c[5], {}, None) for c in calls[: n + 1]]
             plan.paths = [f"{found.backend} kernel"]
             _launch_failed(opt, group, plan, arrays, found, n, e, rest=list(range(len(arrays))))
             _eager(opt, group, plan.eager_path, arrays, [steps[i] for i, _ in rest], [pid for _, pid in rest], clip)

@@ -7,15 +7,12 @@ The per-tensor path of an optimizer calls its direction with one-element lists, 
 which is the classic single-tensor loop of ``torch.optim``.
 
 A ``scalar`` argument may be a Python number (the same for every tensor), a list of numbers (one per
-tensor) or a list of 0-dim tensors (one per tensor). On the compiled (``fused``) path, ``FOREACH`` also
-receives 0-dim tensors for the step-varying scalars (learning rate, bias corrections, Win coefficients) so
-that a changing learning rate does not recompile: ``scalar`` and ``alpha`` may then be a 0-dim tensor.
-``scalar_sqrt`` is the square root of such a scalar, whichever it is.
+tensor) or a list of 0-dim tensors (one per tensor). The fused step runs the same directions over
+symbolic elements (``kernels.tracing.SymOps``), where step-dependent scalars are symbolic:
+``scalar_sqrt`` is the square root of a scalar, whichever kind it is.
 """
 
 from __future__ import annotations
-
-from typing import Sequence, Union
 
 import math
 
@@ -24,12 +21,10 @@ from torch import Tensor
 
 from ._sharding import is_dtensor
 
-Scalar = Union[float, Sequence[float], Sequence[Tensor], Tensor]
-
 
 def scalar_sqrt(x):
-    """Square root of a step scalar: a Python number (eager paths), a 0-dim tensor (compiled path) or a
-    symbolic scalar (the kernels' trace, ``kernels.ir.SymScalar``)."""
+    """Square root of a step scalar: a Python number (eager paths) or a symbolic scalar (the kernels'
+    trace, ``kernels.ir.SymScalar``)."""
     return math.sqrt(x) if isinstance(x, (int, float)) else x.sqrt()
 
 
@@ -48,8 +43,6 @@ def _per_item(scalar, n):
 
 class _PerTensorOps:
     """The reference path: one eager op per tensor."""
-
-    name = "per_tensor"
 
     @staticmethod
     def mul_(xs, scalar):
@@ -135,8 +128,6 @@ class _PerTensorOps:
 class _ForeachOps:
     """The multi-tensor path: one ``torch._foreach_*`` kernel per operation over the whole list."""
 
-    name = "foreach"
-
     @staticmethod
     def mul_(xs, scalar):
         torch._foreach_mul_(xs, scalar)
@@ -151,10 +142,7 @@ class _ForeachOps:
 
     @staticmethod
     def add_(xs, ys, alpha=1.0):
-        if isinstance(alpha, Tensor):  # fused path: the product is fused away by the compiler
-            torch._foreach_add_(xs, torch._foreach_mul(ys, alpha))
-        else:
-            torch._foreach_add_(xs, ys, alpha=alpha)
+        torch._foreach_add_(xs, ys, alpha=alpha)
 
     @staticmethod
     def sub(xs, ys):

@@ -5,7 +5,10 @@ Three ways a ``WinOptimizer`` ends up stepping something other than the model's 
 - **FSDP2** (``torch.distributed.fsdp.fully_shard``): the parameters are ``DTensor``s. Element-wise
   updates act on the local shard, and a norm of a ``DTensor`` (``torch.linalg.vector_norm`` and
   ``torch._foreach_norm`` alike) is reduced over all processes, so LAMB's trust ratio and the optimizer's
-  own clipping see whole tensors. Nothing to refuse.
+  own clipping see whole tensors. Nothing to refuse. A kernel steps the local shards (``local_shards``)
+  when the parameter, its gradient and its state are sharded alike; the per-tensor sums of a step that
+  takes norms (LAMB's trust ratio) are summed over the processes between the kernel's stages
+  (``sum_over_shards``: one all-reduce per stage for all the tensors of a kernel call).
 - **DeepSpeed ZeRO 1/2/3**: DeepSpeed replaces each param group's parameters by one *flattened fp32
   partition*: a 1-D slice of the concatenation of many layers. Element-wise updates are still right, but a
   per-"parameter" norm is the norm of a piece of many layers, and a norm over the optimizer's parameters is
@@ -26,7 +29,7 @@ from typing import Iterable
 from torch import Tensor
 
 __all__ = ["ShardingError", "check_partitioned", "is_dtensor", "inside_zero_redundancy_optimizer",
-           "check_clipping_at_construction", "stepping_partitions"]
+           "check_clipping_at_construction", "stepping_partitions", "local_shards"]
 
 CLIP_ADVICE = (
     "Set the optimizer's max_grad_norm=0 and clip where the whole gradient is known: DeepSpeed's "
@@ -51,6 +54,36 @@ def is_dtensor(t: Tensor) -> bool:
     except Exception:  # pragma: no cover - torch built without distributed
         return False
     return isinstance(t, DTensor)
+
+
+def local_shards(ts):
+    """``(local tensors, "")`` for one parameter's DTensors (parameter, gradient, state buffers) when a
+    kernel may step them shard by shard: every one a DTensor on the same mesh with the same placements
+    (``Shard`` or ``Replicate``) and shape; else ``(None, the reason in words)``."""
+    p = ts[0]
+    if any(not (pl.is_shard() or pl.is_replicate()) for pl in p.placements):
+        return None, f"DTensor parameters placed as {p.placements} (not Shard / Replicate) are not fused"
+    for t in ts[1:]:
+        if not is_dtensor(t) or t.device_mesh != p.device_mesh or t.placements != p.placements or t.shape != p.shape:
+            return None, "a DTensor parameter whose gradient or state is not sharded like it is not fused"
+    return [t.to_local() for t in ts], ""
+
+
+def sum_over_shards(p):
+    """For a kernel stepping ``p``'s local shard: a function that sums a float64 tensor of per-tensor sums
+    (norms) in place over the processes holding the other shards (the mesh dimensions where ``p`` is
+    ``Shard``), so that a norm is the whole parameter's. One all-reduce per call, for all the tensors of
+    the call together."""
+    import torch.distributed as dist
+
+    mesh = p.device_mesh
+    groups = [mesh.get_group(d) for d, pl in enumerate(p.placements) if pl.is_shard()]
+
+    def sync(sums):
+        for group in groups:
+            dist.all_reduce(sums, group=group)
+
+    return sync
 
 
 def inside_zero_redundancy_optimizer(max_depth: int = 8) -> bool:

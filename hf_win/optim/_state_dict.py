@@ -1,9 +1,9 @@
 """What ``WinOptimizer.load_state_dict`` accepts, converts and refuses (the rules are in its docstring).
 
 ``prepare`` works on a copy of the incoming state dict and raises ``ValueError`` (naming both sides)
-before the optimizer is touched; after ``torch.optim.Optimizer.load_state_dict``, ``keep_saved_dtypes``
-gives state buffers back the dtype they were saved in and ``finish`` creates or drops the Win sequences
-of a converted acceleration mode.
+before the optimizer is touched; after ``torch.optim.Optimizer.load_state_dict``, ``set_loaded_dtypes``
+puts every buffer in its group's state dtype and ``finish`` creates or drops the Win sequences of a
+converted acceleration mode.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _precision
 from ._validation import check_group, normalize
 from ._win import MODES, extra_state_keys
 
@@ -146,12 +147,70 @@ def prepare(opt, state_dict: dict) -> Tuple[dict, List[str]]:
                     )
                     g[k] = opt.defaults.get(k)
             normalize(g)
+            notes += _storage_settings(i, g, own)
             check_group(type(opt), g, f" (param group {i} of the loaded state dict, {describe})", opt.defaults)
     _check_states(opt, target, describe, saved_groups, states)
     out = {k: v for k, v in state_dict.items() if k != MARK}
     out["param_groups"] = saved_groups
     out["state"] = states
     return out, notes
+
+
+def _dtype_name(dtype) -> Optional[str]:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def _storage_settings(i: int, saved: dict, own: dict) -> List[str]:
+    """How the state is stored and rounded: a ``state_dtype`` the optimizer was built with (not None) replaces
+    the checkpoint's (the state is converted by :func:`set_loaded_dtypes`); with None, and for the rounding
+    settings, the checkpoint's stay (torch's rule for hyper-parameters). Notes for what differs."""
+    notes = []
+    if own.get("state_dtype") is not None:
+        saved["state_dtype"] = own["state_dtype"]
+    elif saved.get("state_dtype") is not None:
+        notes.append(f"param group {i} was saved with state_dtype={_dtype_name(saved['state_dtype'])} and this optimizer "
+                     f"was built with None: the checkpoint's is loaded (build it with a state_dtype to convert the state)")
+    for k in ("bf16_stochastic_round", "rounding_seed"):
+        if saved.get(k) != own.get(k):
+            notes.append(f"param group {i} was saved with {k}={saved.get(k)!r} and this optimizer was built with "
+                         f"{own.get(k)!r}: the checkpoint's {saved.get(k)!r} is loaded (torch's rule for hyper-parameters; "
+                         f"set param_group[{k!r}] after loading for another)")
+    return notes
+
+
+def set_loaded_dtypes(opt, state_dict: dict) -> List[str]:
+    """After torch's load (which casts floating state to the parameter's dtype): every state buffer in its
+    group's state dtype (``_precision.state_dtype``), taken from the loaded values, so a buffer saved in that dtype is
+    exact. Returns a note per group whose buffers were converted (rounded to nearest)."""
+    notes = []
+    for i, (saved_group, group) in enumerate(zip(state_dict["param_groups"], opt.param_groups)):
+        changes = set()
+        for pid, p in zip(saved_group["params"], group["params"]):
+            target = _precision.state_dtype(group, p)
+            for key, value in state_dict["state"].get(pid, {}).items():
+                live = opt.state[p].get(key)
+                if key == "step" or not (isinstance(value, Tensor) and isinstance(live, Tensor)) or not value.is_floating_point():
+                    continue
+                if live.dtype != target:
+                    opt.state[p][key] = value.to(device=live.device, dtype=target, copy=True)
+                if value.dtype != target:
+                    changes.add((_dtype_name(value.dtype), _dtype_name(target)))
+        for old, new in sorted(changes):
+            notes.append(f"param group {i}: the state saved in {old} is converted to {new} (rounded to nearest), the "
+                         f"state dtype of this optimizer")
+    return notes
+
+
+@torch.no_grad()
+def set_state_dtype(opt, group: dict, state_dtype) -> None:
+    """Set ``group["state_dtype"]`` and convert the group's existing state buffers to it (rounded to nearest)."""
+    group["state_dtype"] = state_dtype
+    for p in group["params"]:
+        state = opt.state.get(p, {})
+        target = _precision.state_dtype(group, p)
+        for key, value in state.items():
+            if key != "step" and isinstance(value, Tensor) and value.is_floating_point() and value.dtype != target:
+                state[key] = value.to(dtype=target)
 
 
 def _mode_change(old: str, new: str) -> str:
@@ -216,20 +275,7 @@ def finish(opt) -> None:
                 continue
             for k in ("x", "y"):
                 if k in wanted and k not in st:
-                    st[k] = p.detach().clone(memory_format=torch.preserve_format)
+                    st[k] = opt._new_state(p, group, like=p)
                 elif k not in wanted and k in st:
                     del st[k]
 
-
-def keep_saved_dtypes(opt, state_dict: dict) -> None:
-    """After torch's load: state buffers keep the dtype they were saved in (torch casts them to the
-    parameter's dtype: bfloat16 state of float32 parameters would come back as float32, float32 state
-    of bfloat16 parameters rounded to bfloat16)."""
-    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in zip(saved_ids, params):
-        for key, value in state_dict["state"].get(i, {}).items():
-            live = opt.state[p].get(key)
-            if (isinstance(value, Tensor) and isinstance(live, Tensor) and value.is_floating_point()
-                    and live.dtype != value.dtype):
-                opt.state[p][key] = value.to(device=live.device, dtype=value.dtype, copy=True)

@@ -16,7 +16,7 @@ from torch.optim.optimizer import required
 from ._precision import as_dtype
 from ._win import MODES
 
-__all__ = ["is_number", "normalize", "check_group"]
+__all__ = ["is_number", "normalize", "check_acceleration", "check_group"]
 
 #: Keys whose values come as lists from JSON/YAML configs and are kept as tuples.
 TUPLE_KEYS = ("betas", "reckless_steps")
@@ -42,12 +42,9 @@ def normalize(group: dict) -> None:
             group[key] = tuple(group[key])
 
 
-def check_group(cls, group: dict, where: str = "", defaults: dict = None) -> None:
-    """Raise ``ValueError`` for the first key of ``group`` that ``cls`` (a ``WinOptimizer`` class) does not
-    accept. ``defaults``: the optimizer's defaults when ``group`` is a param group (its ``_global_keys``
-    must then equal the defaults'); None when ``group`` is the constructor's defaults, where ``lr`` may
-    still be the ``required`` sentinel (SGD: torch's rule, every group must then give its own)."""
-    name = cls.__name__
+def check_acceleration(name: str, group: dict, where: str = "") -> None:
+    """``acceleration_mode`` and ``reckless_steps`` of ``group`` (``name``: the optimizer, in the message);
+    hf_win's optimizers and the ``Win`` wrapper check them here."""
     mode = group.get("acceleration_mode")
     if mode not in MODES:
         raise ValueError(f"{name}: acceleration_mode{where} must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
@@ -56,6 +53,15 @@ def check_group(cls, group: dict, where: str = "", defaults: dict = None) -> Non
             or not all(is_number(r) and r > 0 and math.isfinite(r) for r in rs)):
         raise ValueError(f"{name}: reckless_steps{where} must be two positive numbers (r1, r2), e.g. (2.0, 8.0); "
                          f"got {rs!r}")
+
+
+def check_group(cls, group: dict, where: str = "", defaults: dict = None) -> None:
+    """Raise ``ValueError`` for the first key of ``group`` that ``cls`` (a ``WinOptimizer`` class) does not
+    accept. ``defaults``: the optimizer's defaults when ``group`` is a param group (its ``_global_keys``
+    must then equal the defaults'); None when ``group`` is the constructor's defaults, where ``lr`` may
+    still be the ``required`` sentinel (SGD: torch's rule, every group must then give its own)."""
+    name = cls.__name__
+    check_acceleration(name, group, where)
     _check_lr(name, group.get("lr"), where, defaults is None)
     if "max_grad_norm" in group and not is_number(group["max_grad_norm"]):
         raise ValueError(f"{name}: max_grad_norm{where} must be a number (<= 0 disables clipping), "
@@ -92,7 +98,8 @@ def check_group(cls, group: dict, where: str = "", defaults: dict = None) -> Non
 def _check_lr(name: str, lr, where: str, constructor: bool) -> None:
     if isinstance(lr, type(required)):
         if not constructor:
-            raise ValueError(f"{name}: lr is required{where}: give lr= to the constructor or an 'lr' in every param group")
+            raise ValueError(
+                f"{name}: lr is required{where}: give lr= to the constructor or an 'lr' in every param group")
         return
     value = lr
     if isinstance(lr, Tensor):

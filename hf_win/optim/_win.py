@@ -5,7 +5,7 @@ sequences ``x`` and, for Win2, ``y``) as in ``ALGORITHM.md``::
 
     x  <- (x - lr*u) / (1 + lr*lam)                       conservative step with proximal decay
     c1 = 1 / (1 + r1 + r1*lr*lam)
-    Win:   p <- c1 * (p + r1*x - r1*lr*u)
+    Win:   p <- c1 * (p + r1*x - r1*lr*u)       (computed as p + r1*c1*(x - p) + ..., see win_coefficients)
     Win2:  y <- c1 * (y + r1*x - r1*lr*u)
            c2 = 1 / (1 + r2 + r2/r1 + r2*lr*lam)
            p <- c2 * (p + r2*x + (r2/r1)*y - r2*lr*u)
@@ -32,15 +32,21 @@ def extra_state_keys(mode: str) -> tuple:
 
 
 def win_coefficients(lr: float, lam: float, r1: float, r2: float) -> dict:
-    """Scalar coefficients of one Win/Win2 step (Python floats, no division by ``lr``)."""
+    """Scalar coefficients of one Win/Win2 step (Python floats, no division by ``lr``).
+
+    The mixes are applied in difference form, ``p <- keep*p + c_x*(x - p) + ...``: the same number as
+    ``c1*(p + r1*x - ...)`` (``c1 + r1*c1 = 1 - r1*c1*lr*lam``), but when ``x == p`` (a first step, or a
+    step at ``lr == 0`` such as the one ``torch.distributed.checkpoint`` takes to create the state) the
+    difference is exactly 0 and the parameter keeps every bit. ``keep1`` / ``keep2`` are exactly 1 when
+    ``lr*lam == 0``."""
     c1 = 1.0 / (1.0 + r1 + r1 * lr * lam)
     c2 = 1.0 / (1.0 + r2 + r2 / r1 + r2 * lr * lam)
     return {
         "x_decay": 1.0 / (1.0 + lr * lam),
-        "c1": c1,
+        "keep1": 1.0 - r1 * c1 * lr * lam,
         "c1_x": r1 * c1,
         "c1_u": -r1 * lr * c1,
-        "c2": c2,
+        "keep2": 1.0 - r2 * c2 * lr * lam,
         "c2_x": r2 * c2,
         "c2_y": (r2 / r1) * c2,
         "c2_u": -r2 * lr * c2,
@@ -54,19 +60,23 @@ def accelerate(ops, params, updates, xs, ys, *, mode, lr, lam, r1, r2):
     if lam != 0.0:
         ops.mul_(xs, k["x_decay"])
     if mode == "win":
-        ops.mul_(params, k["c1"])
-        ops.add_(params, xs, alpha=k["c1_x"])
-        ops.add_(params, updates, alpha=k["c1_u"])
+        _mix(ops, params, [(xs, k["c1_x"])], updates, k["c1_u"], k["keep1"], lam)
     elif mode == "win2":
-        ops.mul_(ys, k["c1"])
-        ops.add_(ys, xs, alpha=k["c1_x"])
-        ops.add_(ys, updates, alpha=k["c1_u"])
-        ops.mul_(params, k["c2"])
-        ops.add_(params, updates, alpha=k["c2_u"])
-        ops.add_(params, xs, alpha=k["c2_x"])
-        ops.add_(params, ys, alpha=k["c2_y"])
+        _mix(ops, ys, [(xs, k["c1_x"])], updates, k["c1_u"], k["keep1"], lam)
+        _mix(ops, params, [(xs, k["c2_x"]), (ys, k["c2_y"])], updates, k["c2_u"], k["keep2"], lam)
     else:  # pragma: no cover - guarded by validation
         raise ValueError(f"acceleration_mode must be one of {MODES}, got {mode!r}")
+
+
+def _mix(ops, target, pulls, updates, c_u, keep, lam):
+    """``target <- keep*target + sum(c*(s - target) for s, c in pulls) + c_u*updates``, the differences
+    taken from ``target`` before it changes."""
+    diffs = [(ops.sub(s, target), c) for s, c in pulls]
+    if lam != 0.0:
+        ops.mul_(target, keep)
+    for d, c in diffs:
+        ops.add_(target, d, alpha=c)
+    ops.add_(target, updates, alpha=c_u)
 
 
 def vanilla_step(ops, params, updates, *, lr, weight_decay, decay):

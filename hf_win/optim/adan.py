@@ -3,7 +3,8 @@
 No Win-accelerated Adan has been published; this project defines it as Adan's direction fed to the
 shared acceleration with integrated weight decay. Mode ``none`` is Adan as published (proximal decay, the
 ``no_prox=False`` variant). The step count lives in the param group, and ``pre_grad`` starts as the
-parameter's first gradient (so the first gradient difference is zero).
+parameter's first gradient as the step uses it, after clipping (``max_grad_norm``), as in the published
+code, so the first gradient difference is zero.
 """
 
 from __future__ import annotations

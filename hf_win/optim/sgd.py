@@ -82,7 +82,7 @@ class SGD(WinOptimizer):
     def _direction(self, ops, group, params, grads, states, steps):
         momentum, dampening = group["momentum"], group["dampening"]
         bufs = [s["momentum"] for s in states]
-        # ``t == 1`` on a traced step records a guard (kernels/ir.py): the kernel of the first step and
+        # ``t == 1`` on a traced step records a guard (kernels/tracing.py): the kernel of the first step and
         # that of later steps are two kernels.
         first = [i for i, t in enumerate(steps) if t == 1]
         later = [i for i, t in enumerate(steps) if not t == 1]

@@ -2,7 +2,8 @@
 
     python trainer_worker.py OUT.pt MODE[,MODE...] [OPTIMIZERS]
 
-MODE is ``ddp``, ``zero1``, ``zero2``, ``zero3`` (``--deepspeed configs/deepspeed/zeroN.json``) or
+MODE is ``ddp``, ``zero1``, ``zero2``, ``zero3`` (``--deepspeed configs/deepspeed/zeroN.json``),
+``zero2_offload``, ``zero3_offload`` (ZeRO-Offload: ``configs/deepspeed/zeroN_offload.json``) or
 ``fsdp2`` (``--fsdp`` with ``fsdp_config={"version": 2, ...}``: Accelerate's own FSDP2 path,
 ``fully_shard`` per layer on a CPU device mesh). Every run uses ``--use_cpu`` (without it, each process of
 a CPU torchrun believes it is alone and trains on all the data). For each mode and each (optimizer,
@@ -40,7 +41,7 @@ import common
 from hf_win import WinTrainer, WinTrainingArguments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ZERO_MODES = {"zero1": 1, "zero2": 2, "zero3": 3}
+ZERO_MODES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 2, "zero3_offload": 3}
 # FSDP2 through the Trainer: each Linear / LayerNorm its own fully_shard unit (size-based wrap), then the root.
 FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "SIZE_BASED_WRAP", "min_num_params": 30}
 
@@ -97,7 +98,7 @@ def make_args(out_dir, name, opt_mode, mode, world, **extra):
 
 
 def full_params(trainer, mode):
-    if mode == "zero3":
+    if ZERO_MODES.get(mode) == 3:
         from deepspeed.utils import safe_get_full_fp32_param
 
         return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in trainer.model_wrapped.module.named_parameters()}
@@ -155,6 +156,10 @@ def train(out_dir, name, opt_mode, mode, world, resume=None, **extra):
             fsdp_units=sum(type(m).__name__.startswith("FSDP") for m in trainer.model.modules()),
         )
     if mode in ZERO_MODES:
+        zero = trainer.model_wrapped.optimizer  # DeepSpeed's ZeRO optimizer around ours
+        info["offload"] = bool(getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False))
+        info["step_path"] = zero.optimizer.step_path()  # what stepped the (offloaded) fp32 partitions
+        info["state_devices"] = sorted({str(p.device) for p in zero.optimizer.state})
         trainer.model_wrapped.destroy()
     trainer.accelerator.free_memory()
     del trainer
@@ -194,7 +199,7 @@ def main(out_path, modes, names):
             results[key], memory[key], infos[key] = train(os.path.join(tmp, key), name, opt_mode, mode, world)
         if mode in ZERO_MODES:
             # Resume from a ZeRO checkpoint: 2 steps + checkpoint, then a new Trainer resumes to step 4.
-            name, opt_mode = ("adan_win", "win2") if mode != "zero2" else ("adamw_win", "win")
+            name, opt_mode = ("adan_win", "win2") if ZERO_MODES[mode] != 2 else ("adamw_win", "win")
             run_dir = os.path.join(tmp, mode, "resume")
             train(run_dir, name, opt_mode, mode, world, max_steps=2, save_strategy="steps", save_steps=2)
             ckpt = os.path.join(run_dir, "checkpoint-2")

@@ -1,11 +1,17 @@
-"""Fused optimizer steps: one traced description (``ir``), two emitters (``c`` for CPU, ``triton`` for
-CUDA), a cache that trusts nothing (``cache``). ``_base.WinOptimizer`` only asks this module for a
-kernel (``find``) and for the backend of a device (``backend_for``).
+"""Fused optimizer steps: the step traced (``tracing``) into one description (``ir``), scheduled
+(``schedule``) and printed by two emitters (``c`` for CPU, ``triton`` for CUDA); a cache that trusts
+nothing (``cache``). ``_dispatch`` only asks this module for a kernel (``find``) and for the backend of a
+device (``backend_for``).
 
-A kernel is keyed by the *structure* of the update: the optimizer class, the arrays and their dtypes,
-which arrays are stochastically rounded, whether the optimizer clips, and the non-numeric group entries
-the step reads (mode, amsgrad, nesterov, maximize, ...); within that, by the guards its trace recorded
-(``ir``). Numbers are never part of a key. At most ``$HF_WIN_MAX_KERNELS`` (default 512) kernels are built
+What ``find`` needs of an optimizer (the ``Steppable`` protocol, which ``WinOptimizer`` implements):
+``step_array_names(group)``, the names of the arrays each parameter is stepped through, and
+``step_tensors(ops, group, params, grads, states, steps, clip)``, its step over the ``_ops`` vocabulary.
+
+Kernels are shared by every instance of an optimizer class in the process. One is keyed by the class,
+the arrays and their dtypes, which arrays are stochastically rounded, the backend and whether the
+optimizer clips; within that, by what its trace read (``tracing``: the structure of every group key and
+attribute of the optimizer the step read, and the guards of its branches). Numbers, from the group or
+from the optimizer's attributes, are never part of a key: they are inputs of every call. At most ``$HF_WIN_MAX_KERNELS`` (default 512) kernels are built
 per process; past that a group runs on foreach, with one warning. (Every C kernel is a library mapped into
 the process: some 13,000 of them exhausted Linux's default ``vm.max_map_count`` and aborted it. A
 training run needs a handful: one per optimizer structure and dtype combination, two for SGD.)
@@ -21,15 +27,16 @@ import contextlib
 import logging
 import os
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
 from .cache import KernelUnavailable
-from .ir import Unsupported, host_inputs, structure_of, trace
+from .ir import Unsupported
+from .tracing import group_structure, trace
 
-__all__ = ["BACKENDS", "backend_setting", "backend_for", "find", "launch", "Fallback", "counters", "reset", "log_once",
-           "collect", "broken"]
+__all__ = ["BACKENDS", "Steppable", "backend_setting", "backend_for", "find", "launch", "Fallback", "counters", "reset",
+           "log_once", "collect", "broken"]
 
 logger = logging.getLogger("hf_win.kernels")
 BACKENDS = ("auto", "c", "triton", "foreach")
@@ -45,6 +52,16 @@ _COLLECTING: List[list] = []  # open ``collect`` lists: kernels built are append
 
 class Fallback(Exception):
     """No kernel for this call; ``str(e)`` is the reason in words."""
+
+
+class Steppable(Protocol):
+    """What ``find`` traces: an optimizer's step over lists of tensors, written with the ``_ops`` vocabulary."""
+
+    def step_array_names(self, group: dict) -> Sequence[str]:
+        """``["param", "grad", *state buffers]``: the arrays of each parameter, in order."""
+
+    def step_tensors(self, ops, group, params, grads, states, steps, clip) -> None:
+        """One step of ``params`` (``states``: one dict of buffers per parameter)."""
 
 
 def max_kernels() -> int:
@@ -125,13 +142,16 @@ def _clip_for_host(traced, clip, backend: str):
     return float(clip), None
 
 
-def _operands(traced, group, step, clip, backend):
+def _operands(traced, group, optimizer, step, clip, backend):
+    """(the kernel's operands for this call, or None when ``traced`` is not the step for it; the clip slot)."""
     value, slot = _clip_for_host(traced, clip, backend)
+    inputs = traced.inputs(group, optimizer, step, value)
+    if inputs is None:
+        return None, None
     try:
-        operands = traced.host(host_inputs(traced, group, step, value))
+        return traced.host(inputs), slot
     except ArithmeticError as e:
         raise Fallback(f"a step scalar could not be computed ({e})") from None
-    return operands, slot
 
 
 def _prepare(kernel, device, name: str, backend: str) -> None:
@@ -149,7 +169,7 @@ def _prepare(kernel, device, name: str, backend: str) -> None:
         raise Fallback(reason) from None
 
 
-def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], rounding: List[bool],
+def find(optimizer: Steppable, group: dict, arrays: List[str], dtypes: List[torch.dtype], rounding: List[bool],
          backend: str, step: int, clip=None, device=None):
     """``(kernel, operands, clip_slot)`` for one call, building the kernel at most once per structure and
     guards and compiling it for ``device`` before it is returned. ``clip``: None, a number or a 0-dim
@@ -158,12 +178,11 @@ def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], r
     key = (type(optimizer), tuple(arrays), tuple(dtypes), tuple(rounding), backend, clip is not None)
     name = type(optimizer).__name__
     for traced, kernel in _VARIANTS.get(key, ()):
-        if traced.matches(group):
-            operands, slot = _operands(traced, group, step, clip, backend)
-            if operands is not None:
-                _prepare(kernel, device, name, backend)
-                return _found(kernel), operands, slot
-    whole = (key, tuple(sorted((k, structure_of(v)) for k, v in group.items() if k != "params")))
+        operands, slot = _operands(traced, group, optimizer, step, clip, backend)
+        if operands is not None:
+            _prepare(kernel, device, name, backend)
+            return _found(kernel), operands, slot
+    whole = (key, group_structure(group))
     with _LOCK:
         if whole in _FAILED:
             raise Fallback(_FAILED[whole])
@@ -174,9 +193,10 @@ def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], r
                     f"(HF_WIN_MAX_KERNELS={max_kernels()}); further step structures run on foreach")
             _COUNTS["traces"] += 1
             on_device = backend == "triton" and isinstance(clip, torch.Tensor)
-            traced = trace(optimizer.step_tensors, group, arrays, step, 1.0 if on_device else clip)
+            host_clip = None if clip is None else 1.0 if on_device else float(clip)
+            traced = trace(optimizer, group, arrays, step, host_clip)
             if on_device and traced.passthrough("clip") is None:  # the host needs the value: a guard must see it
-                traced = trace(optimizer.step_tensors, group, arrays, step, float(clip))
+                traced = trace(optimizer, group, arrays, step, float(clip))
             kernel = _build(backend, traced.prog, dtypes, rounding)
         except Unsupported as e:
             reason = f"{name}: the step cannot be fused ({e})"
@@ -188,7 +208,7 @@ def find(optimizer, group: dict, arrays: List[str], dtypes: List[torch.dtype], r
             raise Fallback(reason) from None
         _COUNTS["kernels"] += 1
         _VARIANTS.setdefault(key, []).append((traced, kernel))
-        operands, slot = _operands(traced, group, step, clip, backend)
+        operands, slot = _operands(traced, group, optimizer, step, clip, backend)
         if operands is None:  # pragma: no cover - the trace took the branches these values take
             raise Fallback("internal: a fresh kernel's guards do not hold")
         _prepare(kernel, device, name, backend)
@@ -210,15 +230,16 @@ def _found(kernel):
 
 
 def launch(kernel, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device,
-           device_scalars: Optional[dict] = None) -> None:
+           device_scalars: Optional[dict] = None, sync=None) -> None:
     """Run ``kernel`` over tensors (see ``CKernel.run``); ``device_scalars``: operand slot -> 0-dim tensor
-    read on the device (Triton only). Counted in ``counters()["calls"]``."""
+    read on the device (Triton only); ``sync`` for sharded tensors whose step takes norms. Counted in
+    ``counters()["calls"]``."""
     if _COLLECTING:
         return
     if device_scalars:
-        kernel.run(ptrs, numels, keys, scalars, device, device_scalars)
+        kernel.run(ptrs, numels, keys, scalars, device, device_scalars, sync=sync)
     else:
-        kernel.run(ptrs, numels, keys, scalars, device)
+        kernel.run(ptrs, numels, keys, scalars, device, sync=sync)
     _COUNTS["calls"] += 1
 
 

@@ -66,10 +66,11 @@ _SIGNATURE = {"PTRS": "*i64", "NUMEL": "*i64", "KEYS": "*i64", "SC": "*fp64", "B
 
 
 def optimizers() -> Dict[str, type]:
-    """The registry's optimizers and, from a checkout, the extension example ``LionWin``."""
+    """The registry's optimizers with a kernel of their own (not the ``Win(base)`` wrappers) and, from a
+    checkout, the extension example ``LionWin``."""
     from hf_win.registry import OPTIMIZERS
 
-    out = {name: spec.cls for name, spec in OPTIMIZERS.items()}
+    out = {name: spec.cls for name, spec in OPTIMIZERS.items() if not spec.wraps_base}
     example = Path(__file__).resolve().parents[3] / "examples" / "extending" / "lion_win.py"
     if example.is_file():
         import importlib.util

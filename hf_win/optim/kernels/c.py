@@ -1,6 +1,6 @@
 """The C emitter: one shared library per traced step structure, for CPU tensors.
 
-``emit`` prints the stages of ``ir.schedule`` as C: each stage is a ``restrict``-qualified loop over a
+``emit`` prints the stages of ``schedule.schedule`` as C: each stage is a ``restrict``-qualified loop over a
 chunk of one tensor (so compilers vectorise it without run-time alias checks), compiled with
 ``-O3 -march=native -ffp-contract=off`` (no FMA contraction, no fast-math: float32 results agree with the
 eager path to rounding, float64 replays the golden trajectories). ``hf_win_step`` splits every tensor into
@@ -23,20 +23,23 @@ from typing import List, Sequence
 
 import torch
 
+from .. import _rounding as R
 from . import cache
 from .._precision import compute_dtype, exact_arrays
-from .ir import Program, Unsupported, render, schedule, spelling
+from .ir import Program, Unsupported
+from .schedule import render, schedule, spelling
 
 __all__ = ["emit", "CKernel", "ELEMENT_TYPES"]
 
 #: Elements per chunk: the unit of work of a thread and of a partial sum.
 CHUNK = 16384
+assert (1 << 32) % CHUNK == 0, "the stochastic-rounding bits rely on no chunk crossing a multiple of 2**32"
 #: Accumulators of a sum in a chunk (each sums every LANES-th element; see ``emit``).
 LANES = 16
 ELEMENT_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
           "-fPIC", "-shared", "-std=c99"]
-ABI = 3  # bump when the entry point's signature changes
+ABI = 4  # bump when the entry point's signature changes
 
 _PRELUDE = r"""
 #include <math.h>
@@ -47,24 +50,31 @@ _PRELUDE = r"""
 #include <omp.h>
 #endif
 static inline float bf16_load(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t bf16_round(float f) {
+"""
+# The rounding and its counter-based bits, with the constants of _rounding.py (their only spelling).
+_PRELUDE += f"""
+static inline uint16_t bf16_round(float f) {{
     uint32_t u; memcpy(&u, &f, 4);
-    if (f != f) return 0x7fc0;
+    if (f != f) return {R.BF16_NAN:#x};
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
-}
-static inline uint16_t bf16_sround(float f, uint32_t r) {
+}}
+static inline uint16_t bf16_sround(float f, uint32_t r) {{
     uint32_t u; memcpy(&u, &f, 4);
-    if (f != f) return 0x7fc0;
+    if (f != f) return {R.BF16_NAN:#x};
     u += r >> 16;
     return (uint16_t)(u >> 16);
-}
-static inline uint32_t fmix32(uint32_t h) {
-    h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16; return h;
-}
-static inline uint32_t rbits(uint32_t key, int64_t g) {
-    return fmix32(((uint32_t)g + key) ^ ((uint32_t)((uint64_t)g >> 32) * 0x165667b1u));
-}
+}}
+static inline uint32_t fmix32(uint32_t h) {{
+    h ^= h >> 16; h *= {R.FMIX_1:#x}u; h ^= h >> 13; h *= {R.FMIX_2:#x}u; h ^= h >> 16; return h;
+}}
+/* The random bits of element g: fmix32((lo32(g) + key) ^ hi32(g)*S_HIGH). A stage computes them as
+   fmix32((low + (uint32_t)i) ^ high) with low = lo32(base) + key and high = hi32(base)*S_HIGH set once
+   (sr_low / sr_high): the same bits, since a stage's elements base..base+n-1 lie in one chunk (base a
+   multiple of CHUNK, which divides 2^32, and n <= CHUNK), so hi32 is constant and lo32(base + i) =
+   lo32(base) + i. The loop then holds only 32-bit integer arithmetic, which vectorises at full width. */
+static inline uint32_t sr_low(uint32_t key, int64_t base) {{ return (uint32_t)base + key; }}
+static inline uint32_t sr_high(int64_t base) {{ return (uint32_t)((uint64_t)base >> 32) * {R.S_HIGH:#x}u; }}
 """
 
 
@@ -128,15 +138,21 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
         for a, vid in st.stores:
             et = ELEMENT_TYPES[dtypes[a]]
             if et == "uint16_t":
-                val = (f"bf16_sround((float)v{vid}, rbits(key{a}, base + i))" if rounding[a]
+                val = (f"bf16_sround((float)v{vid}, fmix32((low{a} + (uint32_t)i) ^ high))" if rounding[a]
                        else f"bf16_round((float)v{vid})")
             else:
                 val = f"({et})v{vid}"
             body.append(f"a{a}[i] = {val};")
         signature = f"static void stage{si}(const int64_t n, {', '.join(params)})"
+        rounded = [a for a, _ in st.stores if rounding[a]]
+        if rounded:
+            signature += " {\n    const uint32_t high = sr_high(base);\n" + "".join(
+                f"    const uint32_t low{a} = sr_low(key{a}, base);\n" for a in rounded) + "   "
+        else:
+            signature += " {\n   "
         if not st.reductions:
             inner = "\n".join(f"        {b}" for b in body)
-            out.append(f"{signature} {{\n    for (int64_t i = 0; i < n; i++) {{\n{inner}\n    }}\n}}")
+            out.append(f"{signature} for (int64_t i = 0; i < n; i++) {{\n{inner}\n    }}\n}}")
             continue
         # A sum is not vectorised without reassociation (no fast-math here), and a loop holding one is
         # not vectorised at all. So each of LANES accumulators sums every LANES-th element: the inner
@@ -147,7 +163,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
         accs = "".join(f"    {ct} acc{r}[LANES] = {{0}};\n" for r, _ in st.reductions)
         outs = "".join(f"    {{ double s = 0.0; for (int l = 0; l < LANES; l++) s += acc{r}[l]; part[{r}] = s; }}\n"
                        for r, _ in st.reductions)
-        out.append(f"{signature} {{\n{accs}    int64_t i0 = 0;\n"
+        out.append(f"{signature} \n{accs}    int64_t i0 = 0;\n"
                    f"    for (; i0 + LANES <= n; i0 += LANES) {{\n"
                    f"        for (int l = 0; l < LANES; l++) {{\n            const int64_t i = i0 + l;\n{lanes}\n        }}\n"
                    f"    }}\n    for (int64_t i = i0; i < n; i++) {{\n{tail}\n    }}\n{outs}}}")
@@ -159,7 +175,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
         args += [f"k{i}" for i in range(K)]
         args += [f"T{j}" for j in st.tscalars]
         stored = {s for s, _ in st.stores}
-        args += [f"fmix32(pre{a} + (uint32_t)(uint64_t)keys[j] * 0xc2b2ae3du)" for a in sr_arrays if a in stored]
+        args += [f"fmix32(pre{a} + (uint32_t)(uint64_t)keys[j] * {R.S_TENSOR:#x}u)" for a in sr_arrays if a in stored]
         args += ["lo", "partial + c * NRED"] if st.reductions else ["lo"]
         tdefs = "".join(f"            const double T{j} = {_tscalar(prog, j)};\n" for j in st.tscalars)
         combine = ""
@@ -173,6 +189,14 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
             for (int64_t c = first[j]; c < first[j + 1]; c++) s += partial[c * NRED + rs[q]];
             red[j * NRED + rs[q]] = s;
         }}
+    }}
+    if (sync) {{  /* sharded tensors: these sums over every process before the next stage reads them */
+        const int rs[] = {{{rs}}}, nq = (int)(sizeof(rs) / sizeof(rs[0]));
+        for (int64_t j = 0; j < n_tensors; j++)
+            for (int q = 0; q < nq; q++) partial[j * nq + q] = red[j * NRED + rs[q]];
+        sync(partial, n_tensors * nq);
+        for (int64_t j = 0; j < n_tensors; j++)
+            for (int q = 0; q < nq; q++) red[j * NRED + rs[q]] = partial[j * nq + q];
     }}"""
         calls.append(f"""
 #ifdef _OPENMP
@@ -190,17 +214,20 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
 int hf_win_abi(void) {{ return {ABI}; }}
 
 /* ptrs[j*{A} + a]: address of array a of tensor j; numel[j]; keys[j]: the tensor's id for stochastic
-   rounding; sc: operands (double), then one stream value per stochastically rounded array.
+   rounding; sc: operands (double), then one stream value per stochastically rounded array; sync: NULL,
+   or called after each stage that sums (norms) with those sums (count doubles), to replace them by their
+   sums over the processes that hold the other shards of the tensors.
    Returns 0, or -1 when scratch memory could not be allocated (nothing was written then). */
 int hf_win_step(int64_t n_tensors, const int64_t *ptrs, const int64_t *numel, const int64_t *keys,
-                const double *sc, int n_threads) {{
+                const double *sc, int n_threads, void (*sync)(double *, int64_t)) {{
 {kdefs}{predefs}    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_tensors + 1));
     if (!first) return -1;
     first[0] = 0;
     for (int64_t j = 0; j < n_tensors; j++) first[j + 1] = first[j] + (numel[j] + {CHUNK} - 1) / {CHUNK};
     const int64_t total = first[n_tensors];
     int64_t *owner = (int64_t *)malloc(sizeof(int64_t) * (size_t)(total > 0 ? total : 1));
-    double *partial = (double *)calloc((size_t)(total > 0 ? total : 1) * NRED, sizeof(double));
+    const int64_t slots = total > n_tensors ? total : (n_tensors > 0 ? n_tensors : 1);  /* partial sums; scratch of sync */
+    double *partial = (double *)calloc((size_t)slots * NRED, sizeof(double));
     double *red = (double *)calloc((size_t)(n_tensors > 0 ? n_tensors : 1) * NRED, sizeof(double));
     if (!owner || !partial || !red) {{ free(first); free(owner); free(partial); free(red); return -1; }}
     for (int64_t j = 0; j < n_tensors; j++)
@@ -227,6 +254,10 @@ def _cpu_id() -> str:
     return text
 
 
+#: The entry point's ``sync`` argument: ``void (*)(double *sums, int64_t count)``.
+_SYNC = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_double), ctypes.c_int64)
+
+
 class CKernel:
     """A built C kernel: ``run`` steps tensors given their data pointers."""
 
@@ -239,17 +270,27 @@ class CKernel:
             raise cache.KernelUnavailable("the cached library has another entry-point version")
         fn = self.lib.hf_win_step
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                       _SYNC]
         self.fn = fn
         self.n_arrays = len(dtypes)
 
-    def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device=None) -> None:
+    def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device=None,
+            sync=None) -> None:
         """Step ``len(numels)`` tensors: ``ptrs`` their arrays' addresses (tensor-major), ``keys`` their ids
-        for stochastic rounding, ``scalars`` the host function's operands then the rounding streams."""
+        for stochastic rounding, ``scalars`` the host function's operands then the rounding streams.
+        ``sync``: None, or a function that sums a float64 tensor in place over the processes holding the
+        other shards of these tensors, called with each stage's per-tensor sums (see ``hf_win_step``)."""
         table = (ctypes.c_int64 * len(ptrs))(*ptrs)
         n = (ctypes.c_int64 * len(numels))(*numels)
         k = (ctypes.c_int64 * len(keys))(*keys)
         sc = (ctypes.c_double * max(len(scalars), 1))(*scalars)
-        rc = self.fn(len(numels), table, n, k, sc, torch.get_num_threads())
+
+        def on_sums(values, count):
+            sync(torch.frombuffer((ctypes.c_double * count).from_address(ctypes.addressof(values.contents)),
+                                  dtype=torch.float64))
+
+        callback = _SYNC(on_sums) if sync is not None else _SYNC()
+        rc = self.fn(len(numels), table, n, k, sc, torch.get_num_threads(), callback)
         if rc != 0:
             raise MemoryError("hf_win C kernel: could not allocate its scratch tables")

@@ -1,4 +1,4 @@
-"""The Triton emitter: the same traced step (``ir.schedule``) as Triton kernels, for CUDA tensors.
+"""The Triton emitter: the same traced step (``schedule.schedule``) as Triton kernels, for CUDA tensors.
 
 Per stage two kernels over every tensor of a call: ``stage<i>_full`` for the whole blocks of tensors whose
 arrays all start 16 bytes aligned (no mask; alignment and contiguity hints that are true for exactly
@@ -33,8 +33,10 @@ import torch
 import triton  # noqa: F401
 import triton.language as tl  # noqa: F401
 
+from .. import _rounding as R
 from .._precision import compute_dtype, exact_arrays
-from .ir import Program, Unsupported, render, schedule, spelling
+from .ir import Program, Unsupported
+from .schedule import render, schedule, spelling
 
 __all__ = ["emit", "load", "aligned", "block_tables", "to_device", "TritonKernel"]
 
@@ -42,7 +44,7 @@ BLOCK = 1024
 NUM_WARPS = 8  # 4 elements per thread and array: no kernel spills (4 warps: a few spilled, sm_80/sm_90)
 _TYPES = {torch.float32: "tl.float32", torch.float64: "tl.float64", torch.bfloat16: "tl.uint16",
           torch.float16: "tl.float16"}
-_M = "0xFFFFFFFF"
+_M = f"{R.M32:#x}"
 
 
 def _interpreting() -> bool:
@@ -117,12 +119,12 @@ def _stage(prog: Program, si: int, st, dtypes, rounding, ct: str, full: bool) ->
             if rounding[a]:
                 q = sr_arrays.index(a)
                 body += [f"    key{a} = _fmix32((tl.load(SC + {K + q}).to(tl.int64) + "
-                         f"tl.load(KEYS + j) * 0xC2B2AE3D) & {_M})",
-                         f"    rb{a} = _fmix32((((offs & {_M}) + key{a}) & {_M}) ^ (((offs >> 32) * 0x165667B1) & {_M}))",
+                         f"tl.load(KEYS + j) * {R.S_TENSOR:#x}) & {_M})",
+                         f"    rb{a} = _fmix32((((offs & {_M}) + key{a}) & {_M}) ^ (((offs >> 32) * {R.S_HIGH:#x}) & {_M}))",
                          f"    h{a} = ((u{a} + (rb{a} >> 16)) >> 16) & 0xFFFF"]
             else:
                 body.append(f"    h{a} = ((u{a} + 0x7FFF + ((u{a} >> 16) & 1)) >> 16) & 0xFFFF")
-            body.append(f"    h{a} = tl.where(v{vid} != v{vid}, 0x7FC0, h{a})")
+            body.append(f"    h{a} = tl.where(v{vid} != v{vid}, {R.BF16_NAN:#x}, h{a})")
             body.append(f"    tl.store(a{a} + offs, h{a}.to(tl.uint16){mask})")
         else:
             body.append(f"    tl.store(a{a} + offs, v{vid}.to({_TYPES[dtypes[a]]}){mask})")
@@ -138,8 +140,8 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
     ct = "tl.float64" if compute_dtype(dtypes) == torch.float64 else "tl.float32"
     lines = ["import triton", "import triton.language as tl", "",
              "@triton.jit", "def _fmix32(h):",
-             "    h = h ^ (h >> 16)", f"    h = (h * 0x85EBCA6B) & {_M}", "    h = h ^ (h >> 13)",
-             f"    h = (h * 0xC2B2AE35) & {_M}", "    return h ^ (h >> 16)", ""]
+             "    h = h ^ (h >> 16)", f"    h = (h * {R.FMIX_1:#x}) & {_M}", "    h = h ^ (h >> 13)",
+             f"    h = (h * {R.FMIX_2:#x}) & {_M}", "    return h ^ (h >> 16)", ""]
     for si, st in enumerate(schedule(prog, exact_arrays(dtypes))):
         for full in (False, True):
             lines += _stage(prog, si, st, dtypes, rounding, ct, full)
@@ -245,10 +247,11 @@ class TritonKernel:
         return t
 
     def run(self, ptrs: List[int], numels: List[int], keys: List[int], scalars: List[float], device,
-            device_scalars: Optional[dict] = None) -> None:
+            device_scalars: Optional[dict] = None, sync=None) -> None:
         """Launch the stages over a call's tensors. ``device_scalars``: operand slot -> a 0-dim tensor whose
-        value the kernel reads where it is (copied on the device: the host never waits for it). Every
-        table is ready before the first launch."""
+        value the kernel reads where it is (copied on the device: the host never waits for it). ``sync``
+        (sharded tensors): each stage's per-tensor sums, summed over the processes in place, after both
+        kernels of the stage. Every table is ready before the first launch."""
         A = len(ptrs) // max(len(numels), 1)
         # device copies of what does not change from step to step, reused while the addresses, sizes and
         # keys are the same (replaced storage gives new addresses, hence new tables)
@@ -260,6 +263,10 @@ class TritonKernel:
                 to_device(torch.tensor(keys, dtype=torch.int64), device)))
         n_blocks = bt.numel()
         if n_blocks == 0:
+            if sync is not None:  # no element here: this process's sums are 0, and it takes part in each sum
+                for *_, st in self.stages:
+                    if st.reductions:
+                        sync(torch.zeros(len(numels) * len(st.reductions), dtype=torch.float64, device=device))
             return
         sc = to_device(torch.tensor(scalars or [0.0], dtype=torch.float64), device)
         for slot, value in (device_scalars or {}).items():
@@ -276,6 +283,11 @@ class TritonKernel:
                 for r, _ in st.reductions:
                     self.reduce[(len(numels),)](part, first, red, R=r, NRED=self.nred, CH=256,
                                                 **({} if _interpreting() else {"num_warps": NUM_WARPS}))
+                if sync is not None and st.reductions:
+                    rs = [r for r, _ in st.reductions]
+                    sums = red.view(len(numels), self.nred)[:, rs].contiguous()
+                    sync(sums)
+                    red.view(len(numels), self.nred)[:, rs] = sums
 
 
 def _load_binary(compiled) -> None:
