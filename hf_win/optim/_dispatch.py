@@ -105,6 +105,8 @@ def decide(opt, group: dict, tensors: list, steps: list, clip: Optional[Tensor],
     name = type(opt).__name__
     if kernel_requested(group):
         names = opt.step_array_names(group)
+        if clip is not None and _sharding.is_dtensor(clip):  # FSDP2: the kernels read the replicated value
+            clip = clip.full_tensor()
         parts: dict = {}
         for i, ts in enumerate(tensors):
             sharding = None  # (mesh, placements) of a DTensor parameter stepped on its local shards
