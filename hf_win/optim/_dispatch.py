@@ -79,7 +79,8 @@ def unfused_reason(ts) -> str:
 
 
 class Plan:
-    """One param group's step: ``launches`` (kernel, tensor indices, scalars, device), the indices left to
+    """One param group's step: ``launches`` (kernel, tensor indices, scalars, device, the scalars read on the
+    device as {operand slot: 0-dim tensor}, the all-reduce of sharded norms or None), the indices left to
     the eager path (``eager``, run as ``eager_path``) and ``paths``, what runs in words (the kernel first,
     then each fallback as ``"<eager path> (<reason>)"``), as ``step_path`` reports them."""
 
