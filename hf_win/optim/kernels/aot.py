@@ -82,8 +82,19 @@ def optimizers() -> Dict[str, type]:
     return out
 
 
+def win_around_adamw(groups, lr, acceleration_mode, fused, max_grad_norm=0.0):
+    """``hf_win.Win(torch.optim.AdamW)``: the acceleration pass every ``Win(base)`` optimizer runs after its
+    base's step (one kernel per mode and dtype, whatever the base; bfloat16/float16 parameters take it on
+    foreach, in float32)."""
+    from hf_win.optim.wrapper import Win
+
+    return Win(torch.optim.AdamW(groups, lr=lr, weight_decay=0.0), acceleration_mode=acceleration_mode,
+               weight_decay=0.01, fused=fused)
+
+
 def cases() -> List[dict]:
-    out = []
+    out = [dict(label=f"win_pass {mode} {precision}", cls=win_around_adamw, mode=mode, precision=precision, kwargs={})
+           for mode in ("win", "win2") for precision in ("float32", "float64")]
     for name, cls in optimizers().items():
         defaults = cls([torch.nn.Parameter(torch.zeros(1))], lr=1e-3).defaults
         flag_sets = [("", {})] + [(f, kw) for f, kw in FLAGS.items() if f in defaults]
@@ -114,7 +125,7 @@ def kernels_of(case: dict) -> list:
                 opt.step()
     finally:
         os.environ.pop("HF_WIN_FUSED_BACKEND") if saved is None else os.environ.update(HF_WIN_FUSED_BACKEND=saved)
-    if opt.step_path() != "triton kernel" or not found:
+    if opt.step_path() not in ("triton kernel", f"AdamW step, then {case['mode']} on triton kernel") or not found:
         raise RuntimeError(f"{case['label']}: the step ran on {opt.step_path()}")
     return found
 
