@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             base_lr = {t.name: {o: saved[t.name][o] for o in opts} for t in tasks}
         if a.stage != "tune":
             grid(runner, tasks, opts, modes, mults, seeds, base_lr)
-        runner._tmp.cleanup()
+        runner.close()
         if a.stage == "all" and not a.quick:
             main_lowp(a, out, tasks, command)
     wall = (time.perf_counter() - t0) / 60
@@ -170,7 +170,7 @@ def main_lowp(a, out: Path, tasks: List[Task], command: str) -> int:
                 saved = json.loads(tuned_file.read_text())
                 base_lr = {t.name: {o: saved[t.name][o] for o in opts} for t in tasks}
             lowp_grid(runner, tasks, opts, modes, seeds, base_lr)
-            runner._tmp.cleanup()
+            runner.close()
             cpu = sum(r.get("train_cpu_s", 0) for r in runner.done.values()) / 60
         else:
             cpu = None
@@ -198,7 +198,7 @@ def main_wrapped(a, out: Path, command: str) -> int:
         base_lr = tune(runner, tasks, opts)
         (out / "tuned_lr_wrapped.json").write_text(json.dumps(base_lr, indent=1) + "\n")
         grid(runner, tasks, opts, modes, mults, seeds, base_lr)
-        runner._tmp.cleanup()
+        runner.close()
         meta = _write_meta(a, out, "_wrapped", command, t0,
                            sum(r.get("train_cpu_s", 0) for r in runner.done.values()) / 60)
     report(out, tasks, opts, modes, mults, seeds, meta, suffix="_wrapped")

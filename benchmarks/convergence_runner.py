@@ -152,6 +152,10 @@ class Runner:
         self._tmp = tempfile.TemporaryDirectory(prefix="hfwin_conv_")  # the Trainer's output_dir (nothing is saved)
         self.workdir = self._tmp.name
 
+    def close(self) -> None:
+        """Remove the working folder (the runs' results stay in ``raw``)."""
+        self._tmp.cleanup()
+
     def get(self, stage: str, task: Task, opt: str, mode: str, lr: float, seed: int, precision: str = "fp32",
             **extra) -> dict:
         key = _key(dict(task=task.name, optimizer=opt, mode=mode, lr=lr, seed=seed, precision=precision), stage)
