@@ -76,9 +76,19 @@ def test_a_state_dtype_the_optimizer_was_built_with_converts_the_loaded_state(sa
     _, said = _caught(lambda: fresh.load_state_dict(sd))
     target = getattr(torch, built)
     assert fresh.param_groups[0]["state_dtype"] == built
-    for (k, got), (_, want) in zip(_state(fresh), _state(opt)):
-        assert got.dtype == target and torch.equal(got, want.to(target)), k  # rounded to nearest
+    for p, q in zip(fresh.param_groups[0]["params"], opt.param_groups[0]["params"]):
+        got, want = fresh.state[p], opt.state[q]
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert got[k].dtype == target and torch.equal(got[k], want[k].to(target)), k  # rounded to nearest
+        # bfloat16 state keeps x as its difference from the float32 parameter (computed in float32)
+        if built == "bfloat16":
+            assert set(got) - {"exp_avg", "exp_avg_sq", "step"} == {"x_delta"}
+            assert torch.equal(got["x_delta"], (want["x"] - p.detach()).to(target))
+        else:
+            assert set(got) - {"exp_avg", "exp_avg_sq", "step"} == {"x"}
+            assert got["x"].dtype == target and torch.equal(got["x"], p.detach() + want["x_delta"].float())
     assert f"the state saved in {saved} is converted to {built}" in fresh.last_load_report and len(said) == 1
+    assert "converted with the current parameters" in fresh.last_load_report
     # and the saved dict is untouched, so it still loads exactly into an optimizer built like the saving one
     same = _fresh(params, state_dtype=saved)
     same.load_state_dict(sd)
@@ -102,5 +112,5 @@ def test_a_converted_mode_starts_its_new_sequence_in_the_state_dtype():
     params, opt = _stepped(acceleration_mode="win", state_dtype="bfloat16")
     fresh = _fresh(params, acceleration_mode="win2", state_dtype="bfloat16")
     _caught(lambda: fresh.load_state_dict(copy.deepcopy(opt.state_dict())))
-    for p in fresh.param_groups[0]["params"]:
-        assert fresh.state[p]["y"].dtype == torch.bfloat16 and torch.equal(fresh.state[p]["y"], p.detach().bfloat16())
+    for p in fresh.param_groups[0]["params"]:  # y = p: a difference of 0
+        assert fresh.state[p]["y_delta"].dtype == torch.bfloat16 and not fresh.state[p]["y_delta"].any()

@@ -34,7 +34,7 @@ from ._clipping import clip_coefficient
 from ._precision import state_dtype
 from ._sharding import check_clipping_at_construction, stepping_partitions
 from ._validation import check_group, normalize
-from ._win import accelerate, extra_state_keys, vanilla_step
+from ._win import DIFFERENCE_KEYS, accelerate, sequence_keys, vanilla_step
 
 __all__ = ["WinOptimizer"]
 
@@ -219,22 +219,23 @@ class WinOptimizer(torch.optim.Optimizer):
             return like.detach().to(dtype=dtype, copy=True, memory_format=torch.preserve_format)
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _state_for(self, p: Tensor, grad: Tensor, group: dict, mode: str, clip: Optional[Tensor] = None) -> dict:
+    def _state_for(self, p: Tensor, grad: Tensor, group: dict, clip: Optional[Tensor] = None) -> dict:
         state = self.state[p]
         if any(k not in state for k in self._state_keys(group)):
             # what the step calls the gradient: clipped, negated with maximize (Adan starts its pre_grad from it)
             if clip is not None:
                 grad = grad * clip.to(grad.device)
             self._init_state(p, grad.neg() if group.get("maximize", False) else grad, state, group)
-        for key in extra_state_keys(mode):
-            if key not in state:
-                state[key] = self._new_state(p, group, like=p)
+        for key in sequence_keys(group, p.dtype):
+            if key not in state:  # x = p: a copy of p, or a difference of 0
+                state[key] = self._new_state(p, group, like=None if key in DIFFERENCE_KEYS.values() else p)
         return state
 
-    def step_array_names(self, group: dict) -> list:
-        """The names of the arrays each parameter is stepped through, in order: ``"param"``, ``"grad"``,
-        then the state buffers (the base optimizer's, then the Win sequences)."""
-        return ["param", "grad", *self._state_keys(group), *extra_state_keys(group["acceleration_mode"])]
+    def step_array_names(self, group: dict, param_dtype: torch.dtype = torch.float32) -> list:
+        """The names of the arrays a parameter of ``param_dtype`` is stepped through, in order: ``"param"``,
+        ``"grad"``, then the state buffers (the base optimizer's, then the Win sequences, whose keys depend
+        on the parameter's dtype: ``_win.sequence_keys``)."""
+        return ["param", "grad", *self._state_keys(group), *sequence_keys(group, param_dtype)]
 
     def _step_group(self, index: int, group: dict, clip: Optional[Tensor], partitioned: bool = False,
                     first_pid: int = 0) -> None:
@@ -248,12 +249,12 @@ class WinOptimizer(torch.optim.Optimizer):
             group["step"] = group.get("step", 0) + 1
         if not params:
             return
-        names = self.step_array_names(group)
+        names = [self.step_array_names(group, p.dtype) for p in params]
         grads = [p.grad for p in params]
         reuse = self._reuse.get(index)
         if reuse is not None:
             try:
-                sig = _dispatch.signature(params, grads, reuse.states, names[2:])
+                sig = _dispatch.signature(params, grads, reuse.states, names)
             except (KeyError, IndexError):  # a state buffer was removed, or parameters were added
                 sig = None
             if reuse.matches(self, group, names, present, sig):
@@ -266,20 +267,18 @@ class WinOptimizer(torch.optim.Optimizer):
                     return
                 self._unadvance(group_step, reuse.states)  # decided afresh below
             del self._reuse[index]
-        mode = group["acceleration_mode"]
-        states = [self._state_for(p, g, group, mode, clip) for p, g in zip(params, grads)]
+        states = [self._state_for(p, g, group, clip) for p, g in zip(params, grads)]
         steps = self._advance(group, group_step, states)
-        keys = names[2:]
         # Complex parameters are stepped through their real views (as torch.optim does).
-        tensors = [[_real(p), _real(g), *(_real(s[k]) for k in keys)] if p.is_complex()
-                   else [p, g, *(s[k] for k in keys)] for p, g, s in zip(params, grads, states)]
-        plan = _dispatch.decide(self, group, tensors, steps, clip)
-        _dispatch.run(self, group, plan, tensors, steps, pids, clip)
+        tensors = [[_real(p), _real(g), *(_real(s[k]) for k in n[2:])] if p.is_complex()
+                   else [p, g, *(s[k] for k in n[2:])] for p, g, s, n in zip(params, grads, states, names)]
+        plan = _dispatch.decide(self, group, tensors, names, steps, clip)
+        _dispatch.run(self, group, plan, tensors, names, steps, pids, clip)
         self._paths_taken[index] = plan.paths
         # not reused: plans with a fallback, of complex parameters, or of DTensor local shards (not in the signature)
         if plan.launches and not plan.eager and not plan.local and not any(p.is_complex() for p in params):
             self._reuse[index] = _dispatch.Reuse(self, group, names, present, states, tensors, plan, pids,
-                                                 _dispatch.signature(params, grads, states, keys))
+                                                 _dispatch.signature(params, grads, states, names))
 
     def _advance(self, group: dict, group_step: bool, states: list) -> list:
         """Count this step (per parameter unless the group counts) and return each parameter's count."""
@@ -333,9 +332,21 @@ class WinOptimizer(torch.optim.Optimizer):
             return
         r1, r2 = group["reckless_steps"]
         lam = group["weight_decay"] if self._integrated_decay else 0.0
-        xs = [s["x"] for s in states]
-        ys = [s["y"] for s in states] if mode == "win2" else None
-        accelerate(ops, params, updates, xs, ys, mode=mode, lr=lr, lam=lam, r1=r1, r2=r2)
+        # x (, y), or their differences from the parameter (``_win.sequence_keys``), per parameter
+        forms = [DIFFERENCE_KEYS["x"] in s for s in states]
+        for differences in (False, True):
+            idx = [i for i, f in enumerate(forms) if f == differences]
+            if not idx:
+                continue
+            if len(idx) < len(forms):
+                sub = lambda xs: [xs[i] for i in idx]  # noqa: E731
+                ps, us, sts = sub(params), sub(updates), sub(states)
+            else:
+                ps, us, sts = params, updates, states
+            keys = (*DIFFERENCE_KEYS.values(),) if differences else (*DIFFERENCE_KEYS,)
+            xs = [s[keys[0]] for s in sts]
+            ys = [s[keys[1]] for s in sts] if mode == "win2" else None
+            accelerate(ops, ps, us, xs, ys, mode=mode, lr=lr, lam=lam, r1=r1, r2=r2, differences=differences)
 
     # ------------------------------------------------------------------ memory
     def state_bytes(self) -> int:

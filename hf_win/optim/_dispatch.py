@@ -98,14 +98,14 @@ class Plan:
             self.paths.append(label)
 
 
-def decide(opt, group: dict, tensors: list, steps: list, clip: Optional[Tensor], build: bool = True) -> Plan:
-    """The plan for ``tensors`` (per stepped parameter: param, grad, state buffers in the order of
-    ``opt.step_array_names(group)``) at ``steps``. ``build=False`` (``predict``): no kernel is built and nothing
-    logged; a partition whose backend is present counts as the kernel."""
+def decide(opt, group: dict, tensors: list, names: list, steps: list, clip: Optional[Tensor],
+           build: bool = True) -> Plan:
+    """The plan for ``tensors`` (per stepped parameter: param, grad, state buffers, named by ``names``,
+    that parameter's ``opt.step_array_names(group, dtype)``) at ``steps``. ``build=False`` (``predict``): no
+    kernel is built and nothing logged; a partition whose backend is present counts as the kernel."""
     plan = Plan()
     name = type(opt).__name__
     if kernel_requested(group):
-        names = opt.step_array_names(group)
         if clip is not None and _sharding.is_dtensor(clip):  # FSDP2: the kernels read the replicated value
             clip = clip.full_tensor()
         parts: dict = {}
@@ -126,8 +126,9 @@ def decide(opt, group: dict, tensors: list, steps: list, clip: Optional[Tensor],
                 plan.eager.append(i)
                 plan._fallback(f"{eager} ({why})")
                 continue
-            parts.setdefault((ts[0].device, tuple(t.dtype for t in ts), steps[i], sharding), []).append(i)
-        for (device, dtypes, step, sharding), idx in parts.items():
+            parts.setdefault((ts[0].device, tuple(t.dtype for t in ts), tuple(names[i]), steps[i], sharding),
+                             []).append(i)
+        for (device, dtypes, arrays, step, sharding), idx in parts.items():
             backend, why = kernels.backend_for(device)
             rounding = stochastic_arrays(group, dtypes)
             try:
@@ -138,8 +139,8 @@ def decide(opt, group: dict, tensors: list, steps: list, clip: Optional[Tensor],
                     if missing:
                         raise kernels.Fallback(missing)
                 else:
-                    kernel, operands, clip_slot = kernels.find(opt, group, names, list(dtypes), rounding, backend,
-                                                               step, clip, device)
+                    kernel, operands, clip_slot = kernels.find(opt, group, list(arrays), list(dtypes), rounding,
+                                                               backend, step, clip, device)
             except kernels.Fallback as e:
                 reason, eager = str(e), eager_path(group, [tensors[i][0] for i in idx])
                 if build and kernels.backend_setting() != "foreach":  # a fallback the user did not ask for
@@ -169,11 +170,13 @@ def predict(opt, group: dict) -> List[str]:
     """The paths ``group``'s next step will take, from its parameters alone (``step_path`` before the
     first step)."""
     params = group["params"]
-    plan = decide(opt, group, [[p] for p in params], [0] * len(params), None, build=False)
+    names = [opt.step_array_names(group, p.dtype) for p in params]
+    plan = decide(opt, group, [[p] for p in params], names, [0] * len(params), None, build=False)
     return plan.paths or [eager_path(group, params)]
 
 
-def run(opt, group: dict, plan: Plan, tensors: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
+def run(opt, group: dict, plan: Plan, tensors: list, names: list, steps: list, pids: list,
+        clip: Optional[Tensor]) -> None:
     """Step ``tensors`` as ``plan`` says. ``pids``: each parameter's index among all the optimizer's
     parameters (the stochastic rounding's ``tensor``)."""
     for n, (kernel, idx, scalars, device, on_device, sync) in enumerate(plan.launches):
@@ -189,16 +192,19 @@ def run(opt, group: dict, plan: Plan, tensors: list, steps: list, pids: list, cl
         return
     rest = plan.eager
     if len(rest) != len(tensors):
-        tensors, steps, pids = [tensors[i] for i in rest], [steps[i] for i in rest], [pids[i] for i in rest]
-    _eager(opt, group, plan.eager_path, tensors, steps, pids, clip)
+        tensors, names = [tensors[i] for i in rest], [names[i] for i in rest]
+        steps, pids = [steps[i] for i in rest], [pids[i] for i in rest]
+    _eager(opt, group, plan.eager_path, tensors, names, steps, pids, clip)
 
 
-def _eager(opt, group: dict, path: str, tensors: list, steps: list, pids: list, clip: Optional[Tensor]) -> None:
+def _eager(opt, group: dict, path: str, tensors: list, names: list, steps: list, pids: list,
+           clip: Optional[Tensor]) -> None:
     if path == "foreach":
-        run_eager(opt, group, tensors, steps, pids, clip, FOREACH)
+        run_eager(opt, group, tensors, names, steps, pids, clip, FOREACH)
     else:
         for i in range(len(tensors)):
-            run_eager(opt, group, tensors[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip, PER_TENSOR)
+            run_eager(opt, group, tensors[i : i + 1], names[i : i + 1], steps[i : i + 1], pids[i : i + 1], clip,
+                      PER_TENSOR)
 
 
 def _launch_failed(opt, group: dict, plan: Plan, tensors: list, kernel, n: int, error: Exception,
@@ -218,17 +224,17 @@ def _launch_failed(opt, group: dict, plan: Plan, tensors: list, kernel, n: int, 
     plan._fallback(f"{eager} ({reason})")
 
 
-def run_eager(opt, group: dict, tensors: list, steps: list, pids: list, clip: Optional[Tensor], ops) -> None:
-    """One eager call of ``opt.step_tensors`` over ``tensors`` with ``ops`` (``FOREACH`` or ``PER_TENSOR``).
-    Low-precision tensors are upcast to the compute dtype and the results written back (stochastically
-    rounded where ``stochastic_arrays`` says)."""
-    names = opt.step_array_names(group)
+def run_eager(opt, group: dict, tensors: list, names: list, steps: list, pids: list, clip: Optional[Tensor],
+              ops) -> None:
+    """One eager call of ``opt.step_tensors`` over ``tensors`` (named by ``names``, one list per parameter)
+    with ``ops`` (``FOREACH`` or ``PER_TENSOR``). Low-precision tensors are upcast to the compute dtype and
+    the results written back (stochastically rounded where ``stochastic_arrays`` says)."""
     compute = [compute_dtype([t.dtype for t in a]) for a in tensors]
     work = [[t if t.dtype == c else t.to(c) for t in a] for a, c in zip(tensors, compute)]
     if clip is not None:
         clip = clip.to(tensors[0][0].device)
     opt.step_tensors(ops, group, [w[0] for w in work], [w[1] for w in work],
-                     [dict(zip(names[2:], w[2:])) for w in work], steps, clip)
+                     [dict(zip(n[2:], w[2:])) for n, w in zip(names, work)], steps, clip)
     seed = int(group.get("rounding_seed", 0))
     for a, w, step, pid in zip(tensors, work, steps, pids):
         _rounding.write_back_arrays(a, w, stochastic_arrays(group, [t.dtype for t in a]), seed, step, pid)
@@ -264,10 +270,11 @@ class Reuse:
                 and kernel_requested(group) and kernels.backend_setting() == self.setting)
 
 
-def signature(params: list, grads: list, states: list, keys: list) -> list:
-    """Per stepped parameter what a reused plan depends on (see ``Reuse``)."""
+def signature(params: list, grads: list, states: list, names: list) -> list:
+    """Per stepped parameter what a reused plan depends on (see ``Reuse``; ``names``: each parameter's
+    array names)."""
     return [(p.data_ptr(), p.numel(), p.is_contiguous() or p.stride(), g.is_contiguous() or g.stride(),
-             *[s[k].data_ptr() for k in keys]) for p, g, s in zip(params, grads, states)]
+             *[s[k].data_ptr() for k in n[2:]]) for p, g, s, n in zip(params, grads, states, names)]
 
 
 def run_again(opt, group: dict, reuse: Reuse, params: list, grads: list, steps: list,
@@ -284,8 +291,8 @@ def run_again(opt, group: dict, reuse: Reuse, params: list, grads: list, steps: 
         ptrs = [x for i in idx for x in (sig[i][0], grads[i].data_ptr(), *sig[i][4:])]
         rounding = stochastic_arrays(group, dtypes)
         try:
-            found, operands, clip_slot = kernels.find(opt, group, names, dtypes, rounding, kernel.backend, step,
-                                                      clip, device)
+            found, operands, clip_slot = kernels.find(opt, group, names[idx[0]], dtypes, rounding, kernel.backend,
+                                                      step, clip, device)
         except kernels.Fallback:
             return None
         seed = int(group.get("rounding_seed", 0))
@@ -297,11 +304,12 @@ def run_again(opt, group: dict, reuse: Reuse, params: list, grads: list, steps: 
             kernels.launch(found, ptrs, numels, pids, scalars, device, on_device)
         except Exception as e:
             rest = [(i, pid) for part in reuse.parts[n:] for i, pid in zip(part[3], part[5])]
-            arrays = [[params[i], grads[i], *(reuse.states[i][k] for k in names[2:])] for i, _ in rest]
+            arrays = [[params[i], grads[i], *(reuse.states[i][k] for k in names[i][2:])] for i, _ in rest]
             plan = Plan()
             plan.launches = [(c[0], [], [], c[5], {}, None) for c in calls[: n + 1]]
             plan.paths = [f"{found.backend} kernel"]
             _launch_failed(opt, group, plan, arrays, found, n, e, rest=list(range(len(arrays))))
-            _eager(opt, group, plan.eager_path, arrays, [steps[i] for i, _ in rest], [pid for _, pid in rest], clip)
+            _eager(opt, group, plan.eager_path, arrays, [names[i] for i, _ in rest], [steps[i] for i, _ in rest],
+                   [pid for _, pid in rest], clip)
             return plan.paths
     return [f"{calls[0][0].backend} kernel"] if calls else None

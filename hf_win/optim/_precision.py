@@ -12,7 +12,7 @@ from typing import List, Sequence
 
 import torch
 
-__all__ = ["STATE_DTYPES", "as_dtype", "state_dtype", "state_element_size", "compute_dtype", "exact_arrays",
+__all__ = ["STATE_DTYPES", "as_dtype", "state_dtype", "state_dtype_for", "state_element_size", "compute_dtype", "exact_arrays",
            "stochastic_arrays"]
 
 #: ``state_dtype`` values: None (the parameter's dtype), float32, bfloat16 (names or torch dtypes).
@@ -31,8 +31,13 @@ def as_dtype(value) -> torch.dtype:
 def state_dtype(group: dict, p: torch.Tensor) -> torch.dtype:
     """The dtype of ``p``'s state buffers: the group's ``state_dtype``, else the parameter's (complex
     parameters keep complex state: it is stepped through its real view)."""
+    return state_dtype_for(group, p.dtype)
+
+
+def state_dtype_for(group: dict, param_dtype: torch.dtype) -> torch.dtype:
+    """``state_dtype`` for a parameter of ``param_dtype``."""
     dtype = group.get("state_dtype")
-    return p.dtype if dtype is None or p.is_complex() else as_dtype(dtype)
+    return param_dtype if dtype is None or param_dtype.is_complex else as_dtype(dtype)
 
 
 def state_element_size(state_dtype, param_dtype: torch.dtype) -> int:

@@ -3,7 +3,10 @@
 ``prepare`` works on a copy of the incoming state dict and raises ``ValueError`` (naming both sides)
 before the optimizer is touched; after ``torch.optim.Optimizer.load_state_dict``, ``set_loaded_dtypes``
 puts every buffer in its group's state dtype and ``finish`` creates or drops the Win sequences of a
-converted acceleration mode.
+converted acceleration mode. The Win sequences are kept as ``x``/``y`` or, with bfloat16 state, as
+differences from the parameter (``x_delta``/``y_delta``, see ``_win.py``); a checkpoint in the other form
+is converted (``convert_sequences``) with the current parameters, so load the model before the optimizer
+(as the Trainer and Accelerate do).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from torch import Tensor
 
 from . import _precision
 from ._validation import check_group, normalize
-from ._win import MODES, extra_state_keys
+from ._sharding import is_dtensor
+from ._win import DIFFERENCE_KEYS, MODES, extra_state_keys, sequence_keys, stores_differences
 
 #: Top-level key of the state dicts hf_win writes: which class saved it. Optional on load (the authors'
 #: code, older hf_win versions and wrappers that rebuild the dict do not have it).
@@ -150,10 +154,49 @@ def prepare(opt, state_dict: dict) -> Tuple[dict, List[str]]:
             notes += _storage_settings(i, g, own)
             check_group(type(opt), g, f" (param group {i} of the loaded state dict, {describe})", opt.defaults)
     _check_states(opt, target, describe, saved_groups, states)
+    if len(saved_groups) == len(opt.param_groups):
+        for i, (g, own) in enumerate(zip(saved_groups, opt.param_groups)):
+            converted = set()
+            for pid, p in zip(g["params"], own["params"]):
+                if pid in states:
+                    converted.update(convert_sequences(states[pid], p, stores_differences(g, p.dtype)))
+            if converted:
+                notes.append(
+                    f"param group {i}: Win sequences were saved in the other form than this optimizer keeps with "
+                    f"state_dtype={_dtype_name(g.get('state_dtype'))} (x/y, or with bfloat16 state of float32/float64 "
+                    f"parameters their differences from the parameter, x_delta = x - p): converted with the current "
+                    f"parameters ({', '.join(sorted(converted))})")
     out = {k: v for k, v in state_dict.items() if k != MARK}
     out["param_groups"] = saved_groups
     out["state"] = states
     return out, notes
+
+
+@torch.no_grad()
+def convert_sequences(state: dict, p: Tensor, differences: bool) -> List[str]:
+    """Put the Win sequences of one parameter's ``state`` (a dict, changed in place) in the form the group
+    keeps: ``x``/``y`` into ``x_delta``/``y_delta`` (``differences``) or back, computed in float32 (float64
+    for float64 parameters) with the current ``p``. A difference keeps the saved dtype (the load rounds it
+    to the state dtype afterwards); a sequence rebuilt from a difference is left in the compute dtype.
+    Returns what was converted, as ``"x -> x_delta"``."""
+    done = []
+    work = torch.float64 if p.dtype == torch.float64 else torch.float32
+    for plain, diff in DIFFERENCE_KEYS.items():
+        src, dst = (plain, diff) if differences else (diff, plain)
+        if src not in state:
+            continue
+        value = state.pop(src)
+        if dst in state:  # both saved: the one this optimizer keeps is used
+            continue
+        if is_dtensor(value) != is_dtensor(p):
+            raise ValueError(
+                f"load_state_dict: cannot convert state {src!r} into {dst!r}: the saved value is "
+                f"{'a DTensor' if is_dtensor(value) else 'a plain tensor'} and the parameter is not (load it as "
+                f"the optimizer's own state dict, e.g. through torch.distributed.checkpoint.state_dict)")
+        here = p.detach().to(device=value.device, dtype=work)
+        state[dst] = (value.to(work) - here).to(value.dtype) if differences else here + value.to(work)
+        done.append(f"{src} -> {dst}")
+    return done
 
 
 def _dtype_name(dtype) -> Optional[str]:
@@ -203,10 +246,12 @@ def set_loaded_dtypes(opt, state_dict: dict) -> List[str]:
 
 @torch.no_grad()
 def set_state_dtype(opt, group: dict, state_dtype) -> None:
-    """Set ``group["state_dtype"]`` and convert the group's existing state buffers to it (rounded to nearest)."""
+    """Set ``group["state_dtype"]`` and convert the group's existing state buffers to it (rounded to nearest;
+    the Win sequences into the form it keeps, ``convert_sequences``)."""
     group["state_dtype"] = state_dtype
     for p in group["params"]:
         state = opt.state.get(p, {})
+        convert_sequences(state, p, stores_differences(group, p.dtype))
         target = _precision.state_dtype(group, p)
         for key, value in state.items():
             if key != "step" and isinstance(value, Tensor) and value.is_floating_point() and value.dtype != target:
@@ -236,7 +281,7 @@ def _check_states(opt, target, describe, groups, states) -> None:
         if len(g["params"]) != len(own["params"]):
             return  # likewise
         base = set(opt._state_keys(g))
-        allowed = base | {"step"} | set(extra_state_keys(g["acceleration_mode"])) | {"x", "y"}
+        allowed = base | {"step"} | set(DIFFERENCE_KEYS) | set(DIFFERENCE_KEYS.values())
         for pid, p in zip(g["params"], own["params"]):
             st = states.get(pid)
             if not st:
@@ -266,16 +311,17 @@ def _check_states(opt, target, describe, groups, states) -> None:
 @torch.no_grad()
 def finish(opt) -> None:
     """After loading: the Win sequences of each group's mode exist for every stepped parameter (a
-    converted mode starts the missing ones from the current parameters) and no others remain."""
+    converted mode starts the missing ones from the current parameters: ``x = p``, a difference of 0) and no
+    others remain."""
     for group in opt.param_groups:
-        wanted = extra_state_keys(group["acceleration_mode"])
         for p in group["params"]:
             st = opt.state.get(p)
             if not st:
                 continue
-            for k in ("x", "y"):
+            wanted = sequence_keys(group, p.dtype)
+            for k in (*DIFFERENCE_KEYS, *DIFFERENCE_KEYS.values()):
                 if k in wanted and k not in st:
-                    st[k] = opt._new_state(p, group, like=p)
+                    st[k] = opt._new_state(p, group, like=None if k in DIFFERENCE_KEYS.values() else p)
                 elif k not in wanted and k in st:
                     del st[k]
 

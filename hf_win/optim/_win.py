@@ -14,11 +14,28 @@ sequences ``x`` and, for Win2, ``y``) as in ``ALGORITHM.md``::
 ``lam`` is the weight decay when the base optimizer integrates it (AdamW, SGD, Adan) and 0 when the base
 optimizer already applied it (Adam, LAMB). The constants are ``r1``, ``r2`` and ``r2/r1`` rather than the
 public code's ``lr_y/lr_x``, so ``lr == 0`` (the first step of a linear warmup) is an ordinary step.
+
+**Where the sequences are kept.** In the state dtype as ``x`` and ``y``, except for float32 and float64
+parameters with bfloat16 state (``state_dtype="bfloat16"``): then as their differences from the
+parameter, ``x_delta = x - p`` and ``y_delta = y - p``. The sequences stay within a few steps of the parameter, so their differences are small
+numbers, and bfloat16's 8-bit relative precision becomes a tiny absolute error: a float32 parameter, which
+Win rebuilds from ``x`` at every step, stays float32-precise (kept as ``x`` in bfloat16 it would be rounded
+to bfloat16 every step), at the same 2 bytes per element. The step is the same math written in differences
+(``_accelerate_differences``); the differences start at 0 (``x = p``). Not for bfloat16 (or float16)
+parameters: their own rounding would then be carried into the sequences, which keep the updates that a
+parameter rounded to nearest loses.
 """
 
 from __future__ import annotations
 
+import torch
+
+from ._precision import state_dtype_for
+
 MODES = ("win", "win2", "none")
+
+#: The state keys of the Win sequences when kept as differences from the parameter (bfloat16 state).
+DIFFERENCE_KEYS = {"x": "x_delta", "y": "y_delta"}
 
 #: How the vanilla (``acceleration_mode="none"``) step applies weight decay after ``p <- p - lr*u``.
 #: ``"decoupled"``: ``p <- p*(1 - lr*wd) - lr*u`` (AdamW); ``"proximal"``: ``p <- (p - lr*u)/(1 + lr*wd)``
@@ -26,9 +43,23 @@ MODES = ("win", "win2", "none")
 VANILLA_DECAYS = ("decoupled", "proximal", None)
 
 
-def extra_state_keys(mode: str) -> tuple:
-    """The parameter-sized buffers the acceleration keeps for ``mode``."""
-    return {"win": ("x",), "win2": ("x", "y"), "none": ()}[mode]
+def extra_state_keys(mode: str, differences: bool = False) -> tuple:
+    """The parameter-sized buffers the acceleration keeps for ``mode``: the sequences (``x``, ``y``), or
+    their differences from the parameter (``x_delta``, ``y_delta``) with ``differences``."""
+    keys = {"win": ("x",), "win2": ("x", "y"), "none": ()}[mode]
+    return tuple(DIFFERENCE_KEYS[k] for k in keys) if differences else keys
+
+
+def stores_differences(group, param_dtype: torch.dtype) -> bool:
+    """Whether a param group keeps the Win sequences of a ``param_dtype`` parameter as differences from
+    the parameter: bfloat16 state of a float32 or float64 parameter."""
+    return param_dtype in (torch.float32, torch.float64) and state_dtype_for(group, param_dtype) == torch.bfloat16
+
+
+def sequence_keys(group, param_dtype: torch.dtype) -> tuple:
+    """The Win sequences' state keys of a ``param_dtype`` parameter in a param group (its
+    ``acceleration_mode`` and ``state_dtype``)."""
+    return extra_state_keys(group["acceleration_mode"], stores_differences(group, param_dtype))
 
 
 def win_coefficients(lr: float, lam: float, r1: float, r2: float) -> dict:
@@ -43,7 +74,10 @@ def win_coefficients(lr: float, lam: float, r1: float, r2: float) -> dict:
     c2 = 1.0 / (1.0 + r2 + r2 / r1 + r2 * lr * lam)
     return {
         "x_decay": 1.0 / (1.0 + lr * lam),
+        "x_decay_m1": -lr * lam / (1.0 + lr * lam),  # x_decay - 1, without the cancellation
         "keep1": 1.0 - r1 * c1 * lr * lam,
+        "keep1_m1": -r1 * c1 * lr * lam,
+        "keep2_m1": -r2 * c2 * lr * lam,
         "c1_x": r1 * c1,
         "c1_u": -r1 * lr * c1,
         "keep2": 1.0 - r2 * c2 * lr * lam,
@@ -53,8 +87,12 @@ def win_coefficients(lr: float, lam: float, r1: float, r2: float) -> dict:
     }
 
 
-def accelerate(ops, params, updates, xs, ys, *, mode, lr, lam, r1, r2):
-    """Apply one Win (``ys`` unused) or Win2 step in place. ``updates`` is not modified."""
+def accelerate(ops, params, updates, xs, ys, *, mode, lr, lam, r1, r2, differences=False):
+    """Apply one Win (``ys`` unused) or Win2 step in place. ``updates`` is not modified. With
+    ``differences``, ``xs`` and ``ys`` hold ``x - p`` and ``y - p`` (see the module docstring)."""
+    if differences:
+        _accelerate_differences(ops, params, updates, xs, ys, mode=mode, lr=lr, lam=lam, r1=r1, r2=r2)
+        return
     k = win_coefficients(lr, lam, r1, r2)
     ops.add_(xs, updates, alpha=-lr)
     if lam != 0.0:
@@ -77,6 +115,47 @@ def _mix(ops, target, pulls, updates, c_u, keep, lam):
     for d, c in diffs:
         ops.add_(target, d, alpha=c)
     ops.add_(target, updates, alpha=c_u)
+
+
+def _accelerate_differences(ops, params, updates, dxs, dys, *, mode, lr, lam, r1, r2):
+    """``accelerate`` on ``dx = x - p`` and ``dy = y - p``: the same steps, each sequence's new value taken
+    relative to the old parameter, then the parameter's move ``dp`` subtracted from them::
+
+        Dx = x_new - p   = x_decay*(dx - lr*u) + (x_decay - 1)*p
+        Dy = y_new - p   = (keep1 - c1_x)*dy + (keep1 - 1)*p + c1_x*Dx + c1_u*u          (Win2)
+        dp = p_new - p   = (keep - 1)*p + c_x*Dx [+ c2_y*Dy] + c_u*u
+        p += dp;  dx = Dx - dp;  dy = Dy - dp
+
+    The sums that make ``p`` are those of ``accelerate`` (``x - p`` is ``Dx`` here), so with float32 state
+    the two agree to rounding; a step at ``lr == 0`` with ``dx == 0`` leaves every bit of ``p``."""
+    k = win_coefficients(lr, lam, r1, r2)
+    ops.add_(dxs, updates, alpha=-lr)
+    if lam != 0.0:
+        ops.mul_(dxs, k["x_decay"])
+        ops.add_(dxs, params, alpha=k["x_decay_m1"])
+    if mode == "win":
+        moves = ops.scaled(dxs, k["c1_x"])
+        keep_m1 = k["keep1_m1"]
+        c_u = k["c1_u"]
+    elif mode == "win2":
+        ops.mul_(dys, k["keep1"] - k["c1_x"])
+        if lam != 0.0:
+            ops.add_(dys, params, alpha=k["keep1_m1"])
+        ops.add_(dys, dxs, alpha=k["c1_x"])
+        ops.add_(dys, updates, alpha=k["c1_u"])
+        moves = ops.scaled(dxs, k["c2_x"])
+        ops.add_(moves, dys, alpha=k["c2_y"])
+        keep_m1 = k["keep2_m1"]
+        c_u = k["c2_u"]
+    else:  # pragma: no cover - guarded by validation
+        raise ValueError(f"acceleration_mode must be one of {MODES}, got {mode!r}")
+    if lam != 0.0:
+        ops.add_(moves, params, alpha=keep_m1)
+    ops.add_(moves, updates, alpha=c_u)
+    ops.add_(params, moves)
+    ops.add_(dxs, moves, alpha=-1.0)
+    if mode == "win2":
+        ops.add_(dys, moves, alpha=-1.0)
 
 
 def vanilla_step(ops, params, updates, *, lr, weight_decay, decay):

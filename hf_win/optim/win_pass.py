@@ -34,7 +34,8 @@ def pass_group(group: dict, fused: Optional[bool]) -> dict:
 class WinPass:
     """The ``kernels.Steppable`` of the wrapper's acceleration (no state of its own)."""
 
-    def step_array_names(self, group: dict) -> list:
+    def step_array_names(self, group: dict, param_dtype=None) -> list:
+        """The arrays of a parameter (its dtype does not change them: the wrapper keeps ``x``/``y``)."""
         return ["param", "before", *extra_state_keys(group["acceleration_mode"])]
 
     def step_tensors(self, ops, group, params, grads, states, steps, clip) -> None:

@@ -305,8 +305,10 @@ class Win(torch.optim.Optimizer):
         arrays = [[_real(t) for t in (p, b, *(self.state[p][k] for k in keys))] for p, b in zip(params, before)]
         full = [i for i, p in enumerate(params) if p.dtype not in _LOW_PRECISION]
         if full:
-            plan = _dispatch.decide(WIN_PASS, view, [arrays[i] for i in full], [0] * len(full), None)
-            _dispatch.run(WIN_PASS, view, plan, [arrays[i] for i in full], [0] * len(full), [0] * len(full), None)
+            names = [WIN_PASS.step_array_names(view, params[i].dtype) for i in full]
+            plan = _dispatch.decide(WIN_PASS, view, [arrays[i] for i in full], names, [0] * len(full), None)
+            _dispatch.run(WIN_PASS, view, plan, [arrays[i] for i in full], names, [0] * len(full), [0] * len(full),
+                          None)
             self._paths[index] = plan.paths
         for i in (i for i, p in enumerate(params) if p.dtype in _LOW_PRECISION):
             work = [t.float() for t in arrays[i]]

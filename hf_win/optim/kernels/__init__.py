@@ -4,7 +4,7 @@ nothing (``cache``). ``_dispatch`` only asks this module for a kernel (``find``)
 device (``backend_for``).
 
 What ``find`` needs of an optimizer (the ``Steppable`` protocol, which ``WinOptimizer`` implements):
-``step_array_names(group)``, the names of the arrays each parameter is stepped through, and
+``step_array_names(group, param_dtype)``, the names of the arrays a parameter is stepped through, and
 ``step_tensors(ops, group, params, grads, states, steps, clip)``, its step over the ``_ops`` vocabulary.
 
 Kernels are shared by every instance of an optimizer class in the process. One is keyed by the class,
@@ -57,8 +57,8 @@ class Fallback(Exception):
 class Steppable(Protocol):
     """What ``find`` traces: an optimizer's step over lists of tensors, written with the ``_ops`` vocabulary."""
 
-    def step_array_names(self, group: dict) -> Sequence[str]:
-        """``["param", "grad", *state buffers]``: the arrays of each parameter, in order."""
+    def step_array_names(self, group: dict, param_dtype: torch.dtype) -> Sequence[str]:
+        """``["param", "grad", *state buffers]``: the arrays of a ``param_dtype`` parameter, in order."""
 
     def step_tensors(self, ops, group, params, grads, states, steps, clip) -> None:
         """One step of ``params`` (``states``: one dict of buffers per parameter)."""

@@ -326,7 +326,7 @@ class Traced:
 
 def trace(owner, group: dict, arrays: Sequence[str], step: float, clip: Optional[float]) -> Traced:
     """Trace ``owner.step_tensors(ops, group, params, grads, states, steps, clip)`` for one element of each
-    of ``arrays`` (``owner.step_array_names(group)``)."""
+    of ``arrays`` (``owner.step_array_names(group, param_dtype)``)."""
     prog = Program()
     reads = Reads(prog, type(owner).__name__)
     step_s = reads.read(CALL, "step", step)
