@@ -54,7 +54,9 @@ class AdamW(WinOptimizer):
             the parameter's dtype), ``torch.float32``/``"float32"`` or ``torch.bfloat16``/``"bfloat16"``.
             Arithmetic is always in float32 (float64 for float64 parameters); bfloat16 buffers are written
             with stochastic rounding, so small steps accumulate on average. AdamW-Win2 with bfloat16 state
-            keeps 8 bytes per parameter, torch's fp32 AdamW's. Complex parameters keep complex state.
+            keeps 8 bytes per parameter, torch's fp32 AdamW's. Complex parameters keep complex state. With
+            bfloat16 state, float32/float64 parameters keep their sequences as differences from the parameter
+            (``x_delta = x - p``, ``y_delta``), so the parameters stay float32-precise (``_win.py``).
         bf16_stochastic_round: write bfloat16 *parameters* back with stochastic rounding (default False:
             round to nearest, where an update below half a bfloat16 ulp is lost), so the expected update
             equals the float32 one (torchao's name).
