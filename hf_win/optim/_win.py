@@ -74,10 +74,7 @@ def win_coefficients(lr: float, lam: float, r1: float, r2: float) -> dict:
     c2 = 1.0 / (1.0 + r2 + r2 / r1 + r2 * lr * lam)
     return {
         "x_decay": 1.0 / (1.0 + lr * lam),
-        "x_decay_m1": -lr * lam / (1.0 + lr * lam),  # x_decay - 1, without the cancellation
         "keep1": 1.0 - r1 * c1 * lr * lam,
-        "keep1_m1": -r1 * c1 * lr * lam,
-        "keep2_m1": -r2 * c2 * lr * lam,
         "c1_x": r1 * c1,
         "c1_u": -r1 * lr * c1,
         "keep2": 1.0 - r2 * c2 * lr * lam,
@@ -119,39 +116,38 @@ def _mix(ops, target, pulls, updates, c_u, keep, lam):
 
 def _accelerate_differences(ops, params, updates, dxs, dys, *, mode, lr, lam, r1, r2):
     """``accelerate`` on ``dx = x - p`` and ``dy = y - p``: the same steps, each sequence's new value taken
-    relative to the old parameter, then the parameter's move ``dp`` subtracted from them::
+    relative to the old parameter, then the parameter's move ``dp`` subtracted from them. With
+    ``w = u + lam*p`` (the decay folded into the direction: ``keep - 1 = lam*c_u``, ``x_decay - 1 =
+    -lr*lam*x_decay``)::
 
-        Dx = x_new - p   = x_decay*(dx - lr*u) + (x_decay - 1)*p
-        Dy = y_new - p   = (keep1 - c1_x)*dy + (keep1 - 1)*p + c1_x*Dx + c1_u*u          (Win2)
-        dp = p_new - p   = (keep - 1)*p + c_x*Dx [+ c2_y*Dy] + c_u*u
+        Dx = x_new - p   = x_decay*(dx - lr*w)
+        Dy = y_new - p   = (keep1 - c1_x)*dy + c1_x*Dx + c1_u*w                      (Win2)
+        dp = p_new - p   = c_x*Dx [+ c2_y*Dy] + c_u*w
         p += dp;  dx = Dx - dp;  dy = Dy - dp
 
-    The sums that make ``p`` are those of ``accelerate`` (``x - p`` is ``Dx`` here), so with float32 state
-    the two agree to rounding; a step at ``lr == 0`` with ``dx == 0`` leaves every bit of ``p``."""
+    A step at ``lr == 0`` with ``dx == dy == 0`` leaves every bit of ``p``: its move is a sum of zeros."""
     k = win_coefficients(lr, lam, r1, r2)
-    ops.add_(dxs, updates, alpha=-lr)
+    if lam != 0.0:
+        ws = ops.scaled(params, lam)
+        ops.add_(ws, updates)
+    else:
+        ws = updates
+    ops.add_(dxs, ws, alpha=-lr)
     if lam != 0.0:
         ops.mul_(dxs, k["x_decay"])
-        ops.add_(dxs, params, alpha=k["x_decay_m1"])
     if mode == "win":
         moves = ops.scaled(dxs, k["c1_x"])
-        keep_m1 = k["keep1_m1"]
         c_u = k["c1_u"]
     elif mode == "win2":
         ops.mul_(dys, k["keep1"] - k["c1_x"])
-        if lam != 0.0:
-            ops.add_(dys, params, alpha=k["keep1_m1"])
         ops.add_(dys, dxs, alpha=k["c1_x"])
-        ops.add_(dys, updates, alpha=k["c1_u"])
+        ops.add_(dys, ws, alpha=k["c1_u"])
         moves = ops.scaled(dxs, k["c2_x"])
         ops.add_(moves, dys, alpha=k["c2_y"])
-        keep_m1 = k["keep2_m1"]
         c_u = k["c2_u"]
     else:  # pragma: no cover - guarded by validation
         raise ValueError(f"acceleration_mode must be one of {MODES}, got {mode!r}")
-    if lam != 0.0:
-        ops.add_(moves, params, alpha=keep_m1)
-    ops.add_(moves, updates, alpha=c_u)
+    ops.add_(moves, ws, alpha=c_u)
     ops.add_(params, moves)
     ops.add_(dxs, moves, alpha=-1.0)
     if mode == "win2":

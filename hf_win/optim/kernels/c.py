@@ -68,8 +68,10 @@ static inline uint16_t bf16_sround(float f, uint32_t r) {{
 static inline uint32_t fmix32(uint32_t h) {{
     h ^= h >> 16; h *= {R.FMIX_1:#x}u; h ^= h >> 13; h *= {R.FMIX_2:#x}u; h ^= h >> 16; return h;
 }}
-/* The random bits of element g: fmix32((lo32(g) + key) ^ hi32(g)*S_HIGH). A stage computes them as
-   fmix32((low + (uint32_t)i) ^ high) with low = lo32(base) + key and high = hi32(base)*S_HIGH set once
+static inline uint32_t mix32(uint32_t h) {{ h *= {R.MIX:#x}u; return h ^ (h >> 16); }}
+/* The random bits of element g: mix32((lo32(g) + key) ^ hi32(g)*S_HIGH), one draw for a pair of arrays
+   (the leader rounds with its high 16 bits, its partner with the low 16: see _rounding.py). A stage computes
+   them as mix32((low + (uint32_t)i) ^ high) with low = lo32(base) + key and high = hi32(base)*S_HIGH set once
    (sr_low / sr_high): the same bits, since a stage's elements base..base+n-1 lie in one chunk (base a
    multiple of CHUNK, which divides 2^32, and n <= CHUNK), so hi32 is constant and lo32(base + i) =
    lo32(base) + i. The loop then holds only 32-bit integer arithmetic, which vectorises at full width. */
@@ -114,6 +116,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
     stages = schedule(prog, exact_arrays(dtypes))
     A, K, NR = len(dtypes), len(prog.operands), prog.n_reductions
     sr_arrays = [a for a in range(A) if rounding[a]]
+    paired = R.pairs(rounding)  # array -> (the leader whose key gives its bits, whether it takes the high half)
     out = [_PRELUDE, f"#define NRED {max(NR, 1)}", f"#define LANES {LANES}",
            f"static inline {ct} hf_max({ct} a, {ct} b) {{ return (a != a || b != b) ? a + b : (a > b ? a : b); }}",
            f"static inline {ct} hf_sign({ct} a) {{ return a > 0 ? ({ct})1 : (a < 0 ? ({ct})-1 : a); }}"]
@@ -123,7 +126,8 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
                   for a in used]
         params += [f"const {ct} k{i}" for i in range(K)]
         params += [f"const double T{j}" for j in st.tscalars]
-        params += [f"const uint32_t key{a}" for a in sr_arrays if a in {s for s, _ in st.stores}]
+        leaders = sorted({paired[a][0] for a, _ in st.stores if rounding[a]})
+        params += [f"const uint32_t key{a}" for a in leaders]
         params += ["const int64_t base", "double *restrict part"] if st.reductions else ["const int64_t base"]
         body = []
         for a, vid in st.loads:
@@ -135,19 +139,23 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
             body.append(f"const {ct} v{vid} = {render(e, spell)};")
         for r, vid in st.reductions:
             body.append(f"acc{r}[LANE] += v{vid} * v{vid};")
+        for lead in leaders:
+            body.append(f"const uint32_t r{lead} = mix32((low{lead} + (uint32_t)i) ^ high);")
         for a, vid in st.stores:
             et = ELEMENT_TYPES[dtypes[a]]
             if et == "uint16_t":
-                val = (f"bf16_sround((float)v{vid}, fmix32((low{a} + (uint32_t)i) ^ high))" if rounding[a]
-                       else f"bf16_round((float)v{vid})")
+                if rounding[a]:
+                    lead, high = paired[a]
+                    val = f"bf16_sround((float)v{vid}, r{lead}{'' if high else ' << 16'})"
+                else:
+                    val = f"bf16_round((float)v{vid})"
             else:
                 val = f"({et})v{vid}"
             body.append(f"a{a}[i] = {val};")
         signature = f"static void stage{si}(const int64_t n, {', '.join(params)})"
-        rounded = [a for a, _ in st.stores if rounding[a]]
-        if rounded:
+        if leaders:
             signature += " {\n    const uint32_t high = sr_high(base);\n" + "".join(
-                f"    const uint32_t low{a} = sr_low(key{a}, base);\n" for a in rounded) + "   "
+                f"    const uint32_t low{a} = sr_low(key{a}, base);\n" for a in leaders) + "   "
         else:
             signature += " {\n   "
         if not st.reductions:
@@ -174,8 +182,8 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
         args = [f"({ELEMENT_TYPES[dtypes[a]]} *)(intptr_t)ptrs[j * {A} + {a}] + lo" for a in used]
         args += [f"k{i}" for i in range(K)]
         args += [f"T{j}" for j in st.tscalars]
-        stored = {s for s, _ in st.stores}
-        args += [f"fmix32(pre{a} + (uint32_t)(uint64_t)keys[j] * {R.S_TENSOR:#x}u)" for a in sr_arrays if a in stored]
+        leaders = sorted({paired[a][0] for a, _ in st.stores if rounding[a]})
+        args += [f"fmix32(pre{a} + (uint32_t)(uint64_t)keys[j] * {R.S_TENSOR:#x}u)" for a in leaders]
         args += ["lo", "partial + c * NRED"] if st.reductions else ["lo"]
         tdefs = "".join(f"            const double T{j} = {_tscalar(prog, j)};\n" for j in st.tscalars)
         combine = ""

@@ -84,6 +84,8 @@ class SymOps:
     def add_(self, xs, ys, alpha=1.0):
         if is_number(alpha) and float(alpha) == 1.0:
             self._set(xs, ("+", self._v(xs), self._v(ys)))
+        elif is_number(alpha) and float(alpha) == -1.0:  # x + (-1)*y is x - y, bit for bit: one operation
+            self._set(xs, ("-", self._v(xs), self._v(ys)))
         else:
             self._set(xs, ("+", self._v(xs), ("*", self.p.operand(alpha), self._v(ys))))
 

@@ -113,15 +113,21 @@ def _stage(prog: Program, si: int, st, dtypes, rounding, ct: str, full: bool) ->
         sq = f"v{vid}.to(tl.float64) * v{vid}.to(tl.float64)"
         body.append(f"    sq{r} = tl.where(mask, {sq}, 0.0)" if not full else f"    sq{r} = {sq}")
         body.append(f"    tl.store(PART + b * NRED + {r}, tl.sum(sq{r}, axis=0))")
+    paired, drawn = R.pairs(rounding), set()  # one draw per pair of arrays (see _rounding.py)
     for a, vid in st.stores:
         if dtypes[a] == torch.bfloat16:
             body.append(f"    u{a} = v{vid}.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & {_M}")
             if rounding[a]:
-                q = sr_arrays.index(a)
-                body += [f"    key{a} = _fmix32((tl.load(SC + {K + q}).to(tl.int64) + "
-                         f"tl.load(KEYS + j) * {R.S_TENSOR:#x}) & {_M})",
-                         f"    rb{a} = _fmix32((((offs & {_M}) + key{a}) & {_M}) ^ (((offs >> 32) * {R.S_HIGH:#x}) & {_M}))",
-                         f"    h{a} = ((u{a} + (rb{a} >> 16)) >> 16) & 0xFFFF"]
+                lead, high = paired[a]
+                if lead not in drawn:
+                    drawn.add(lead)
+                    q = sr_arrays.index(lead)
+                    body += [f"    key{lead} = _fmix32((tl.load(SC + {K + q}).to(tl.int64) + "
+                             f"tl.load(KEYS + j) * {R.S_TENSOR:#x}) & {_M})",
+                             f"    rb{lead} = _mix32((((offs & {_M}) + key{lead}) & {_M}) ^ "
+                             f"(((offs >> 32) * {R.S_HIGH:#x}) & {_M}))"]
+                half = f"(rb{lead} >> 16)" if high else f"(rb{lead} & 0xFFFF)"
+                body.append(f"    h{a} = ((u{a} + {half}) >> 16) & 0xFFFF")
             else:
                 body.append(f"    h{a} = ((u{a} + 0x7FFF + ((u{a} >> 16) & 1)) >> 16) & 0xFFFF")
             body.append(f"    h{a} = tl.where(v{vid} != v{vid}, {R.BF16_NAN:#x}, h{a})")
@@ -141,7 +147,8 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
     lines = ["import triton", "import triton.language as tl", "",
              "@triton.jit", "def _fmix32(h):",
              "    h = h ^ (h >> 16)", f"    h = (h * {R.FMIX_1:#x}) & {_M}", "    h = h ^ (h >> 13)",
-             f"    h = (h * {R.FMIX_2:#x}) & {_M}", "    return h ^ (h >> 16)", ""]
+             f"    h = (h * {R.FMIX_2:#x}) & {_M}", "    return h ^ (h >> 16)", "",
+             "@triton.jit", "def _mix32(h):", f"    h = (h * {R.MIX:#x}) & {_M}", "    return h ^ (h >> 16)", ""]
     for si, st in enumerate(schedule(prog, exact_arrays(dtypes))):
         for full in (False, True):
             lines += _stage(prog, si, st, dtypes, rounding, ct, full)
