@@ -89,6 +89,9 @@ PARAM_SETS = {
     "vit_s": lambda: vit_shapes(384, 12, 1536),  # ViT-S/16: 22.1M parameters, 152 tensors
     "vit_b": lambda: vit_shapes(768, 12, 3072),  # ViT-B/16: 86.6M parameters, 152 tensors
     "gpt_1_3b": lambda: gpt_shapes(2048, 24),  # d=2048, 24 layers, vocab 50304, context 2048: 1.32B, 292 tensors
+    # the same tensor shapes, 2 of the 24 blocks (0.21B, 28 tensors): what fits a 24 GiB machine with three
+    # contenders (a Win2 step with float32 state holds 24 bytes per parameter, fused AdamW and DeepSpeed 16)
+    "gpt_1_3b_2blocks": lambda: gpt_shapes(2048, 2),
     "tiny": lambda: vit_shapes(32, 2, 64, classes=10, patch=4, image=16),  # for --quick and tests
     # the host's cost per tensor: many tensors, little arithmetic
     "many_1000x1000": lambda: [(1000,)] * 1000,

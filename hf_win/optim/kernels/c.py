@@ -59,10 +59,10 @@ static inline uint16_t bf16_round(float f) {{
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }}
-static inline uint16_t bf16_sround(float f, uint32_t r) {{
+static inline uint16_t bf16_sround(float f, uint32_t r16) {{  /* r16: 16 random bits */
     uint32_t u; memcpy(&u, &f, 4);
     if (f != f) return {R.BF16_NAN:#x};
-    u += r >> 16;
+    u += r16;
     return (uint16_t)(u >> 16);
 }}
 static inline uint32_t fmix32(uint32_t h) {{
@@ -146,7 +146,7 @@ def emit(prog: Program, dtypes: Sequence[torch.dtype], rounding: Sequence[bool])
             if et == "uint16_t":
                 if rounding[a]:
                     lead, high = paired[a]
-                    val = f"bf16_sround((float)v{vid}, r{lead}{'' if high else ' << 16'})"
+                    val = f"bf16_sround((float)v{vid}, r{lead} {'>> 16' if high else '& 0xffffu'})"
                 else:
                     val = f"bf16_round((float)v{vid})"
             else:
