@@ -49,9 +49,10 @@ def dcp_results(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("name,mode", common.combos())
-def test_resumed_is_uninterrupted_bitwise(dcp_results, world, name, mode):
-    run = dcp_results[f"save_world{world}"][f"{name}/{mode}"]
+@pytest.mark.parametrize("name,mode,extra", [(n, m, "") for n, m in common.combos()]
+                         + [("adamw_win", "win2", "bf16_state")])  # dcp_worker.EXTRA
+def test_resumed_is_uninterrupted_bitwise(dcp_results, world, name, mode, extra):
+    run = dcp_results[f"save_world{world}"]["/".join(filter(None, (name, mode, extra)))]
     resumed = run["resumed"]
     assert resumed["moved_bits"] == 0, f"creating the optimizer's state moved {resumed['moved_bits']} elements"
     assert _same(resumed["loaded_params"], run["saved"]["params"])
@@ -89,17 +90,19 @@ def test_async_save_was_used(dcp_results):
         assert dcp_results[f"save_world{world}"]["adamw_win/win2"]["saved"].get("async")
 
 
+@pytest.mark.parametrize("state_dtype", [None, "bfloat16"])
 @pytest.mark.parametrize("fused", [None, False], ids=["kernel", "foreach"])
 @pytest.mark.parametrize("mode", ["none", "win", "win2"])
 @pytest.mark.parametrize("name", [n for n in available_optimizers() if not get_optimizer_spec(n).wraps_base])
-def test_state_creation_at_lr_zero_moves_no_parameter(name, mode, fused):
+def test_state_creation_at_lr_zero_moves_no_parameter(name, mode, fused, state_dtype):
     """What DCP does to a fresh optimizer (``_init_optim_state``: zero gradients, lr 0, one step) leaves
-    every parameter bit in place, with weight decay on, as at the first step of a warmup from lr 0."""
+    every parameter bit in place, with weight decay on, as at the first step of a warmup from lr 0; with
+    bfloat16 state too (its sequences are differences from the parameter, 0 at the start)."""
     from torch.distributed.checkpoint.state_dict import _init_optim_state
 
     model = common.make_model()
     kwargs = common.optimizer_kwargs(name, mode)
-    kwargs.update(acceleration_mode=mode, fused=fused)
+    kwargs.update(acceleration_mode=mode, fused=fused, state_dtype=state_dtype)
     opt = get_optimizer_spec(name).cls(common.param_groups(model), **kwargs)
     before = [p.detach().clone() for p in model.parameters()]
     _init_optim_state(opt)

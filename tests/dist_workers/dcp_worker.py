@@ -40,14 +40,18 @@ from hf_win.registry import get_optimizer_spec
 
 SAVE_AT = 2  # steps before the checkpoint; common.STEPS in all
 ASYNC = ("adamw_win", "win2")  # the combination saved with dcp.async_save
+#: Combinations with other keywords, as "<name>/<mode>/<label>": bfloat16 state (its Win sequences are kept
+#: as bfloat16 differences from the parameter: the lr-0 state creation must not move them either)
+EXTRA = {"adamw_win/win2/bf16_state": dict(state_dtype="bfloat16")}
 
 
 def sharded() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def build(name: str, mode: str, mesh):
-    """TinyNet (fully_shard per layer and on the root when ``mesh``) and its Win optimizer."""
+def build(name: str, mode: str, mesh, **extra):
+    """TinyNet (fully_shard per layer and on the root when ``mesh``) and its Win optimizer (``extra``:
+    more keywords for it)."""
     from torch.distributed.fsdp import fully_shard
 
     model = common.make_model()
@@ -57,7 +61,7 @@ def build(name: str, mode: str, mesh):
         fully_shard(model, mesh=mesh)
         assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in model.parameters())
     cls = get_optimizer_spec(name).cls
-    opt = cls(common.param_groups(model), **common.optimizer_kwargs(name, mode, max_grad_norm=common.CLIP))
+    opt = cls(common.param_groups(model), **common.optimizer_kwargs(name, mode, max_grad_norm=common.CLIP), **extra)
     return model, opt
 
 
@@ -98,10 +102,10 @@ def full_state(model, opt) -> dict:
     return {"state": out, "dtensors": sorted(dtensors)}
 
 
-def resume(name: str, mode: str, mesh, ckpt: str) -> dict:
+def resume(name: str, mode: str, mesh, ckpt: str, **extra) -> dict:
     """Accelerate's order: model, then optimizer. Returns the loaded state, the bits the optimizer's
     state creation moved, and the parameters after the remaining steps."""
-    model, opt = build(name, mode, mesh)
+    model, opt = build(name, mode, mesh, **extra)
     model_sd = get_model_state_dict(model)
     dcp.load({"model": model_sd}, checkpoint_id=os.path.join(ckpt, "model"))
     set_model_state_dict(model, model_sd)
@@ -130,19 +134,20 @@ def main(out: str, phases: str) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     for phase in phases.split(","):
         results = {}
-        for name, mode in common.combos():
-            key = f"{name}/{mode}"
+        combos = [(f"{n}/{m}", n, m, {}) for n, m in common.combos()]
+        combos += [(key, *key.split("/")[:2], extra) for key, extra in EXTRA.items()]
+        for key, name, mode, extra in combos:
             if phase == "save":
-                ckpt = os.path.join(out, f"ckpt{world}", f"{name}_{mode}")
-                model, opt = build(name, mode, mesh)
+                ckpt = os.path.join(out, f"ckpt{world}", key.replace("/", "_"))
+                model, opt = build(name, mode, mesh, **extra)
                 train(model, opt, range(common.STEPS))
                 uninterrupted = full_params(model)
-                model, opt = build(name, mode, mesh)
+                model, opt = build(name, mode, mesh, **extra)
                 train(model, opt, range(SAVE_AT))
                 saved = {"params": full_params(model), "state": full_state(model, opt)}
                 dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=os.path.join(ckpt, "model"))
                 optim_sd = {"optim": get_optimizer_state_dict(model, opt)}
-                if (name, mode) == ASYNC and hasattr(dcp, "async_save"):
+                if (name, mode) == ASYNC and not extra and hasattr(dcp, "async_save"):
                     dcp.async_save(optim_sd, checkpoint_id=os.path.join(ckpt, "optim")).result()
                     saved["async"] = True
                 else:
@@ -150,10 +155,10 @@ def main(out: str, phases: str) -> None:
                 if dist.is_initialized():
                     dist.barrier()
                 results[key] = {"uninterrupted": uninterrupted, "saved": saved,
-                                "resumed": resume(name, mode, mesh, ckpt)}
+                                "resumed": resume(name, mode, mesh, ckpt, **extra)}
             elif phase.startswith("load"):
-                ckpt = os.path.join(out, f"ckpt{phase[4:]}", f"{name}_{mode}")
-                results[key] = {"resumed": resume(name, mode, mesh, ckpt)}
+                ckpt = os.path.join(out, f"ckpt{phase[4:]}", key.replace("/", "_"))
+                results[key] = {"resumed": resume(name, mode, mesh, ckpt, **extra)}
             else:
                 raise SystemExit(f"unknown phase {phase!r}: save or load<world size>")
         if rank == 0:
