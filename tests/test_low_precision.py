@@ -385,20 +385,17 @@ def test_a_step_at_lr_0_with_zero_gradients_changes_no_bit_of_fp32_parameters(cl
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before)), opt.step_path()
 
 
-def _distance_to_float64(cls, mode, param_dtype, steps=200, **kw):
-    """|p - p64| after ``steps`` steps at lr 1e-3 on a noisy quadratic, ``p64`` the same run in float64."""
-    def run(dtype, **kw):
-        g = torch.Generator().manual_seed(11)
-        p = torch.nn.Parameter(torch.randn(2048, generator=g, dtype=torch.float64).to(dtype))
-        opt = cls([p], acceleration_mode=mode, lr=1e-3 if cls is not hf_win.SGD else 1e-2, weight_decay=1e-2,
-                  foreach=True, **kw)
-        for _ in range(steps):
-            noise = torch.randn(2048, generator=g, dtype=torch.float64)
-            p.grad = (0.5 * p.detach().double() + noise).to(dtype)
-            opt.step()
-        return p.detach().double()
+def _distance_to_float64(cls, mode, param_dtype, **kw):
+    """``benchmarks/state_precision.py``'s measure (the one definition): ``|p - p64|`` after 200 steps at lr
+    1e-3 on a noisy quadratic, ``p64`` the same run in float64."""
+    import importlib.util
+    from pathlib import Path
 
-    return float((run(param_dtype, **kw) - run(torch.float64)).norm())
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "state_precision.py"
+    spec = importlib.util.spec_from_file_location("state_precision_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.distance(cls, mode, param_dtype, 200, **kw)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
