@@ -74,6 +74,12 @@ class _PerTensorOps:
             x.addcmul_(y, z, value=value)
 
     @staticmethod
+    def lerp_(xs, ys, weight):
+        """``x <- x + weight*(y - x)`` (torch's ``lerp_``, a number ``weight``): ``x`` exactly when ``y == x``."""
+        for x, y in zip(xs, ys):
+            x.lerp_(y, weight)
+
+    @staticmethod
     def maximum_(xs, ys):
         for x, y in zip(xs, ys):
             torch.maximum(x, y, out=x)
@@ -151,6 +157,10 @@ class _ForeachOps:
     @staticmethod
     def addcmul_(xs, ys, zs, value=1.0):
         torch._foreach_addcmul_(xs, ys, zs, value=value)
+
+    @staticmethod
+    def lerp_(xs, ys, weight):
+        torch._foreach_lerp_(xs, ys, weight)
 
     @staticmethod
     def maximum_(xs, ys):

@@ -95,6 +95,16 @@ class SymOps:
     def addcmul_(self, xs, ys, zs, value=1.0):
         self._set(xs, ("+", self._v(xs), ("*", ("*", self.p.operand(value), self._v(ys)), self._v(zs))))
 
+    def lerp_(self, xs, ys, weight):
+        # torch's formula (aten/src/ATen/native/Lerp.h), the branch a guard on the host value: ``x + w*(y - x)``
+        # for |w| < 0.5, else ``y - (y - x)*(1 - w)``; each is exact when y == x
+        x, y = self._v(xs), self._v(ys)
+        diff = ("-", y, x)
+        if weight < 0.5 and weight > -0.5:
+            self._set(xs, ("+", x, ("*", self.p.operand(weight), diff)))
+        else:
+            self._set(xs, ("-", y, ("*", diff, self.p.operand(1.0 - weight))))
+
     def maximum_(self, xs, ys):
         self._set(xs, ("max", self._v(xs), self._v(ys)))
 
