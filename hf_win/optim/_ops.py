@@ -41,6 +41,26 @@ def _per_item(scalar, n):
     return [scalar] * n
 
 
+def _mix_by_lerp(ops, xs, pulls, keep):
+    """``mix_`` on an eager path, in place, as interpolations (no temporaries): ``keep*lerp(x, s, c/keep)``
+    for one pull, ``keep*lerp(lerp(x, s1, a), s2, b)`` with ``b = c2/keep`` and ``a = (c1/keep)/(1 - b)`` for
+    two (``lerp(lerp(x, s1, a), s2, b) = x + a(1-b)(s1 - x) + b(s2 - x)``). torch's lerp returns ``x``
+    exactly when ``s == x``."""
+    k = 1.0 if keep is None else keep
+    if len(pulls) == 1:
+        (s, c), = pulls
+        ops.lerp_(xs, s, c / k)
+    elif len(pulls) == 2:
+        (s1, c1), (s2, c2) = pulls
+        b = c2 / k
+        ops.lerp_(xs, s1, (c1 / k) / (1.0 - b))
+        ops.lerp_(xs, s2, b)
+    else:  # pragma: no cover - Win pulls towards x, Win2's parameter towards x and y
+        raise ValueError(f"mix_ takes one or two pulls, got {len(pulls)}")
+    if keep is not None:
+        ops.mul_(xs, keep)
+
+
 class _PerTensorOps:
     """The reference path: one eager op per tensor."""
 
@@ -72,6 +92,17 @@ class _PerTensorOps:
     def addcmul_(xs, ys, zs, value=1.0):
         for x, y, z in zip(xs, ys, zs):
             x.addcmul_(y, z, value=value)
+
+    @staticmethod
+    def lerp_(xs, ys, weight):
+        """``x <- x + weight*(y - x)`` (torch's ``lerp_``, a number ``weight``): ``x`` exactly when ``y == x``."""
+        for x, y in zip(xs, ys):
+            x.lerp_(y, weight)
+
+    def mix_(self, xs, pulls, keep=None):
+        """``x <- keep*x + sum(c*(s - x) for s, c in pulls)`` (``keep`` None: 1), the differences taken before
+        ``x`` changes: exactly ``x`` when every ``s == x`` and ``keep`` is None (the Win mix, ``_win._mix``)."""
+        _mix_by_lerp(self, xs, pulls, keep)
 
     @staticmethod
     def lerp_(xs, ys, weight):
@@ -157,6 +188,13 @@ class _ForeachOps:
     @staticmethod
     def addcmul_(xs, ys, zs, value=1.0):
         torch._foreach_addcmul_(xs, ys, zs, value=value)
+
+    @staticmethod
+    def lerp_(xs, ys, weight):
+        torch._foreach_lerp_(xs, ys, weight)
+
+    def mix_(self, xs, pulls, keep=None):
+        _mix_by_lerp(self, xs, pulls, keep)
 
     @staticmethod
     def lerp_(xs, ys, weight):

@@ -69,7 +69,7 @@ def win_coefficients(lr: float, lam: float, r1: float, r2: float) -> dict:
     ``c1*(p + r1*x - ...)`` (``c1 + r1*c1 = 1 - r1*c1*lr*lam``), but when ``x == p`` (a first step, or a
     step at ``lr == 0`` such as the one ``torch.distributed.checkpoint`` takes to create the state) the
     difference is exactly 0 and the parameter keeps every bit. ``keep1`` / ``keep2`` are exactly 1 when
-    ``lr*lam == 0``. ``_mix`` computes them as interpolations (``lerp``), which need no temporaries."""
+    ``lr*lam == 0``. (The eager paths compute them as interpolations, in place: ``_ops.mix_``.)"""
     c1 = 1.0 / (1.0 + r1 + r1 * lr * lam)
     c2 = 1.0 / (1.0 + r2 + r2 / r1 + r2 * lr * lam)
     return {
@@ -105,20 +105,8 @@ def accelerate(ops, params, updates, xs, ys, *, mode, lr, lam, r1, r2, differenc
 
 def _mix(ops, target, pulls, updates, c_u, keep, lam):
     """``target <- keep*target + sum(c*(s - target) for s, c in pulls) + c_u*updates``, the differences
-    taken from ``target`` before it changes, as interpolations (``ops.lerp_``, in place: no temporaries):
-    one pull is ``keep*lerp(t, s, c/keep)``; two are ``keep*lerp(lerp(t, s1, a), s2, b)`` with ``b = c2/keep``
-    and ``a = (c1/keep)/(1 - b)`` (``lerp(lerp(t, s1, a), s2, b) = t + a(1-b)(s1 - t) + b(s2 - t)``). When
-    every ``s == target`` each interpolation returns ``target`` exactly."""
-    if len(pulls) == 1:
-        (s, c), = pulls
-        ops.lerp_(target, s, c / keep)
-    else:
-        (s1, c1), (s2, c2) = pulls
-        b = c2 / keep
-        ops.lerp_(target, s1, (c1 / keep) / (1.0 - b))
-        ops.lerp_(target, s2, b)
-    if lam != 0.0:
-        ops.mul_(target, keep)
+    taken from ``target`` before it changes (``ops.mix_``: exact when every ``s == target``)."""
+    ops.mix_(target, pulls, keep if lam != 0.0 else None)
     ops.add_(target, updates, alpha=c_u)
 
 

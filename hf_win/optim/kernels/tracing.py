@@ -105,6 +105,14 @@ class SymOps:
         else:
             self._set(xs, ("-", y, ("*", diff, self.p.operand(1.0 - weight))))
 
+    def mix_(self, xs, pulls, keep=None):
+        # in registers the differences cost nothing: keep*x + c1*(s1 - x) [+ c2*(s2 - x)], each from the old x
+        diffs = [(self.sub(s, xs), c) for s, c in pulls]
+        if keep is not None:
+            self.mul_(xs, keep)
+        for d, c in diffs:
+            self.add_(xs, d, alpha=c)
+
     def maximum_(self, xs, ys):
         self._set(xs, ("max", self._v(xs), self._v(ys)))
 
