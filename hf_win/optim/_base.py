@@ -249,15 +249,17 @@ class WinOptimizer(torch.optim.Optimizer):
             group["step"] = group.get("step", 0) + 1
         if not params:
             return
-        names = [self.step_array_names(group, p.dtype) for p in params]
+        dtypes = [p.dtype for p in params]
+        # the array names follow the parameter's dtype: worked out once per dtype
+        by_dtype = {d: self.step_array_names(group, d) for d in set(dtypes)}
         grads = [p.grad for p in params]
         reuse = self._reuse.get(index)
         if reuse is not None:
             try:
-                sig = _dispatch.signature(params, grads, reuse.states, names)
+                sig = _dispatch.signature(params, grads, reuse.states, dtypes, by_dtype)
             except (KeyError, IndexError):  # a state buffer was removed, or parameters were added
                 sig = None
-            if reuse.matches(self, group, names, present, sig):
+            if reuse.matches(self, group, by_dtype, present, sig):
                 steps = self._advance(group, group_step, reuse.states)
                 paths = _dispatch.run_again(self, group, reuse, params, grads, steps, clip)
                 if paths is not None:
@@ -267,6 +269,7 @@ class WinOptimizer(torch.optim.Optimizer):
                     return
                 self._unadvance(group_step, reuse.states)  # decided afresh below
             del self._reuse[index]
+        names = [by_dtype[d] for d in dtypes]
         states = [self._state_for(p, g, group, clip) for p, g in zip(params, grads)]
         steps = self._advance(group, group_step, states)
         # Complex parameters are stepped through their real views (as torch.optim does).
@@ -277,8 +280,8 @@ class WinOptimizer(torch.optim.Optimizer):
         self._paths_taken[index] = plan.paths
         # not reused: plans with a fallback, of complex parameters, or of DTensor local shards (not in the signature)
         if plan.launches and not plan.eager and not plan.local and not any(p.is_complex() for p in params):
-            self._reuse[index] = _dispatch.Reuse(self, group, names, present, states, tensors, plan, pids,
-                                                 _dispatch.signature(params, grads, states, names))
+            self._reuse[index] = _dispatch.Reuse(self, group, names, by_dtype, present, states, tensors, plan, pids,
+                                                 _dispatch.signature(params, grads, states, dtypes, by_dtype))
 
     def _advance(self, group: dict, group_step: bool, states: list) -> list:
         """Count this step (per parameter unless the group counts) and return each parameter's count."""

@@ -245,36 +245,39 @@ class Reuse:
     on changed: the same param group, parameter list and state dict objects, a group that still asks for a
     kernel under the same ``HF_WIN_FUSED_BACKEND``, the same parameters with a gradient, the same array
     names (mode, amsgrad, ...), and per parameter (``signature``) the same
-    address and element count of the parameter, the same memory layout of the parameter and its gradient
-    and the same addresses of its state buffers (replaced ``.data``, ``model.to()`` or a loaded state dict
+    address, element count and dtype of the parameter (which set its array names), the same memory layout
+    of the parameter and its gradient and the same addresses of its state buffers (replaced ``.data``, ``model.to()`` or a loaded state dict
     move one). Gradients may move between steps (``zero_grad(set_to_none=True)``): their addresses are
     read at every step (torch guarantees a gradient's shape, dtype and device are its parameter's). The
     group's numbers (lr, betas, ...) are read at every step too: ``kernels.find`` turns them into the
     kernel's operands, per partition. What is not redone: the eligibility checks, state creation and
     partitioning."""
 
-    __slots__ = ("group", "params", "state", "names", "present", "states", "signature", "parts", "setting")
+    __slots__ = ("group", "params", "state", "names", "kinds", "present", "states", "signature", "parts", "setting")
 
-    def __init__(self, opt, group: dict, names: list, present: list, states: list, arrays: list, plan: Plan,
-                 pids: list, signature: list):
-        self.group, self.params, self.state, self.names = group, group["params"], opt.state, names
+    def __init__(self, opt, group: dict, names: list, kinds: dict, present: list, states: list, arrays: list,
+                 plan: Plan, pids: list, signature: list):
+        # names: each parameter's array names; kinds: {dtype: array names}, what they were made of (with the
+        # dtypes in the signature, equal kinds mean equal names, at the cost of a few comparisons)
+        self.group, self.params, self.state, self.names, self.kinds = group, group["params"], opt.state, names, kinds
         self.present, self.states, self.signature = present, states, signature
         self.setting = kernels.backend_setting()
         # per launch: kernel, device, dtypes, tensor indices, their element counts and ids
         self.parts = [(kernel, device, [t.dtype for t in arrays[idx[0]]], idx, [arrays[i][0].numel() for i in idx],
                        [pids[i] for i in idx]) for kernel, idx, _, device, *_ in plan.launches]
 
-    def matches(self, opt, group: dict, names: list, present: list, signature: list) -> bool:
+    def matches(self, opt, group: dict, kinds: dict, present: list, signature: list) -> bool:
         return (group is self.group and group["params"] is self.params and opt.state is self.state
-                and names == self.names and present == self.present and signature == self.signature
+                and kinds == self.kinds and present == self.present and signature == self.signature
                 and kernel_requested(group) and kernels.backend_setting() == self.setting)
 
 
-def signature(params: list, grads: list, states: list, names: list) -> list:
-    """Per stepped parameter what a reused plan depends on (see ``Reuse``; ``names``: each parameter's
-    array names)."""
-    return [(p.data_ptr(), p.numel(), p.is_contiguous() or p.stride(), g.is_contiguous() or g.stride(),
-             *[s[k].data_ptr() for k in n[2:]]) for p, g, s, n in zip(params, grads, states, names)]
+def signature(params: list, grads: list, states: list, dtypes: list, kinds: dict) -> list:
+    """Per stepped parameter what a reused plan depends on (see ``Reuse``; ``dtypes``: the parameters'
+    dtypes, ``kinds``: {dtype: array names})."""
+    keys = {d: n[2:] for d, n in kinds.items()}
+    return [(p.data_ptr(), p.numel(), d, p.is_contiguous() or p.stride(), g.is_contiguous() or g.stride(),
+             *[s[k].data_ptr() for k in keys[d]]) for p, g, s, d in zip(params, grads, states, dtypes)]
 
 
 def run_again(opt, group: dict, reuse: Reuse, params: list, grads: list, steps: list,
@@ -288,7 +291,7 @@ def run_again(opt, group: dict, reuse: Reuse, params: list, grads: list, steps: 
     sig = reuse.signature
     for kernel, device, dtypes, idx, numels, pids in reuse.parts:
         step = steps[idx[0]]
-        ptrs = [x for i in idx for x in (sig[i][0], grads[i].data_ptr(), *sig[i][4:])]
+        ptrs = [x for i in idx for x in (sig[i][0], grads[i].data_ptr(), *sig[i][5:])]
         rounding = stochastic_arrays(group, dtypes)
         try:
             found, operands, clip_slot = kernels.find(opt, group, names[idx[0]], dtypes, rounding, kernel.backend,
