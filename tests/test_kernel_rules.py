@@ -39,6 +39,15 @@ class ItemsScaled(hf_win.AdamW):
         return u
 
 
+class Lerped(hf_win.AdamW):
+    """AdamW whose direction is interpolated towards the gradient by a group key (``ops.lerp_``)."""
+
+    def _direction(self, ops, group, params, grads, states, steps):
+        u = super()._direction(ops, group, params, grads, states, steps)
+        ops.lerp_(u, grads, group["towards_grad"])
+        return u
+
+
 def _run(make, steps=3, shapes=((5, 3), (4,)), between=None):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
@@ -152,3 +161,15 @@ def test_the_path_reported_before_the_first_step_is_the_path_taken(env, flags, p
     p.grad = torch.ones_like(p)
     opt.step()
     assert before == opt.step_path() == path
+
+
+@pytest.mark.parametrize("backend", ["c", "triton"])
+def test_lerp_follows_torchs_two_formulas_on_both_sides_of_one_half(backend, monkeypatch):
+    # the tracer spells torch's lerp: x + w*(y - x) below |w| = 0.5, y - (y - x)*(1 - w) from there (a guard)
+    monkeypatch.setenv("HF_WIN_FUSED_BACKEND", backend)
+    for weight in (0.25, 0.75):
+        got, opt = _run(lambda ps: Lerped([{"params": ps, "towards_grad": weight}]))
+        ref, _ = _run(lambda ps: Lerped([{"params": ps, "towards_grad": weight}], foreach=True))
+        assert opt.step_path() == f"{backend} kernel"
+        _close(got, ref)
+    assert kernels.counters()["kernels"] == 2  # one per branch: the weight's side of 0.5 is the guard

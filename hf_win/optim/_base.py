@@ -34,7 +34,7 @@ from ._clipping import clip_coefficient
 from ._precision import state_dtype
 from ._sharding import check_clipping_at_construction, stepping_partitions
 from ._validation import check_group, normalize
-from ._win import DIFFERENCE_KEYS, accelerate, sequence_keys, vanilla_step
+from ._win import DIFFERENCE_KEYS, accelerate, extra_state_keys, sequence_keys, vanilla_step
 
 __all__ = ["WinOptimizer"]
 
@@ -227,9 +227,13 @@ class WinOptimizer(torch.optim.Optimizer):
                 grad = grad * clip.to(grad.device)
             self._init_state(p, grad.neg() if group.get("maximize", False) else grad, state, group)
         for key in sequence_keys(group, p.dtype):
-            if key not in state:  # x = p: a copy of p, or a difference of 0
-                state[key] = self._new_state(p, group, like=None if key in DIFFERENCE_KEYS.values() else p)
+            if key not in state:
+                state[key] = self._new_sequence(p, group, key)
         return state
+
+    def _new_sequence(self, p: Tensor, group: dict, key: str) -> Tensor:
+        """Win sequence ``key`` starting at ``x = p``: a copy of ``p``, or for a difference (``x_delta``) 0."""
+        return self._new_state(p, group, like=None if key in DIFFERENCE_KEYS.values() else p)
 
     def step_array_names(self, group: dict, param_dtype: torch.dtype = torch.float32) -> list:
         """The names of the arrays a parameter of ``param_dtype`` is stepped through, in order: ``"param"``,
@@ -250,8 +254,7 @@ class WinOptimizer(torch.optim.Optimizer):
         if not params:
             return
         dtypes = [p.dtype for p in params]
-        # the array names follow the parameter's dtype: worked out once per dtype
-        by_dtype = {d: self.step_array_names(group, d) for d in set(dtypes)}
+        by_dtype = _dispatch.names_by_dtype(self, group, dtypes)
         grads = [p.grad for p in params]
         reuse = self._reuse.get(index)
         if reuse is not None:
@@ -280,7 +283,7 @@ class WinOptimizer(torch.optim.Optimizer):
         self._paths_taken[index] = plan.paths
         # not reused: plans with a fallback, of complex parameters, or of DTensor local shards (not in the signature)
         if plan.launches and not plan.eager and not plan.local and not any(p.is_complex() for p in params):
-            self._reuse[index] = _dispatch.Reuse(self, group, names, by_dtype, present, states, tensors, plan, pids,
+            self._reuse[index] = _dispatch.Reuse(self, group, by_dtype, present, states, tensors, plan, pids,
                                                  _dispatch.signature(params, grads, states, dtypes, by_dtype))
 
     def _advance(self, group: dict, group_step: bool, states: list) -> list:
@@ -335,21 +338,15 @@ class WinOptimizer(torch.optim.Optimizer):
             return
         r1, r2 = group["reckless_steps"]
         lam = group["weight_decay"] if self._integrated_decay else 0.0
-        # x (, y), or their differences from the parameter (``_win.sequence_keys``), per parameter
-        forms = [DIFFERENCE_KEYS["x"] in s for s in states]
+        # x (, y), or their differences from the parameter (``_win.sequence_keys``): each form in one call
         for differences in (False, True):
-            idx = [i for i, f in enumerate(forms) if f == differences]
-            if not idx:
-                continue
-            if len(idx) < len(forms):
-                sub = lambda xs: [xs[i] for i in idx]  # noqa: E731
-                ps, us, sts = sub(params), sub(updates), sub(states)
-            else:
-                ps, us, sts = params, updates, states
-            keys = (*DIFFERENCE_KEYS.values(),) if differences else (*DIFFERENCE_KEYS,)
-            xs = [s[keys[0]] for s in sts]
-            ys = [s[keys[1]] for s in sts] if mode == "win2" else None
-            accelerate(ops, ps, us, xs, ys, mode=mode, lr=lr, lam=lam, r1=r1, r2=r2, differences=differences)
+            keys = extra_state_keys(mode, differences)
+            idx = [i for i, s in enumerate(states) if keys[0] in s]
+            if idx:
+                xs = [states[i][keys[0]] for i in idx]
+                ys = [states[i][keys[1]] for i in idx] if mode == "win2" else None
+                accelerate(ops, [params[i] for i in idx], [updates[i] for i in idx], xs, ys, mode=mode, lr=lr,
+                           lam=lam, r1=r1, r2=r2, differences=differences)
 
     # ------------------------------------------------------------------ memory
     def state_bytes(self) -> int:

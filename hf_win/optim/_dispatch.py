@@ -34,7 +34,8 @@ from . import _rounding, _sharding, kernels
 from ._ops import FOREACH, PER_TENSOR
 from ._precision import compute_dtype, stochastic_arrays
 
-__all__ = ["Plan", "kernel_requested", "eager_path", "unfused_reason", "decide", "predict", "run", "Reuse"]
+__all__ = ["Plan", "kernel_requested", "eager_path", "unfused_reason", "names_by_dtype", "decide", "predict", "run",
+           "Reuse"]
 
 
 def kernel_requested(group: dict) -> bool:
@@ -52,6 +53,12 @@ def eager_path(group: dict, params) -> str:
         return "per-tensor"
     device = params[0].device
     return "foreach" if all(p.layout == torch.strided and p.device == device for p in params) else "per-tensor"
+
+
+def names_by_dtype(opt, group: dict, dtypes: list) -> dict:
+    """``{dtype: opt.step_array_names(group, dtype)}`` for the distinct ``dtypes`` (a parameter's array names
+    follow its dtype: the form of the Win sequences), worked out once per dtype."""
+    return {d: opt.step_array_names(group, d) for d in set(dtypes)}
 
 
 def _strides(t: Tensor) -> tuple:
@@ -170,7 +177,8 @@ def predict(opt, group: dict) -> List[str]:
     """The paths ``group``'s next step will take, from its parameters alone (``step_path`` before the
     first step)."""
     params = group["params"]
-    names = [opt.step_array_names(group, p.dtype) for p in params]
+    kinds = names_by_dtype(opt, group, [p.dtype for p in params])
+    names = [kinds[p.dtype] for p in params]
     plan = decide(opt, group, [[p] for p in params], names, [0] * len(params), None, build=False)
     return plan.paths or [eager_path(group, params)]
 
@@ -246,20 +254,20 @@ class Reuse:
     kernel under the same ``HF_WIN_FUSED_BACKEND``, the same parameters with a gradient, the same array
     names (mode, amsgrad, ...), and per parameter (``signature``) the same
     address, element count and dtype of the parameter (which set its array names), the same memory layout
-    of the parameter and its gradient and the same addresses of its state buffers (replaced ``.data``, ``model.to()`` or a loaded state dict
-    move one). Gradients may move between steps (``zero_grad(set_to_none=True)``): their addresses are
+    of the parameter and its gradient and the same addresses of its state buffers (replaced ``.data``,
+    ``model.to()`` or a loaded state dict move one). Gradients may move between steps (``zero_grad(set_to_none=True)``): their addresses are
     read at every step (torch guarantees a gradient's shape, dtype and device are its parameter's). The
     group's numbers (lr, betas, ...) are read at every step too: ``kernels.find`` turns them into the
     kernel's operands, per partition. What is not redone: the eligibility checks, state creation and
     partitioning."""
 
-    __slots__ = ("group", "params", "state", "names", "kinds", "present", "states", "signature", "parts", "setting")
+    __slots__ = ("group", "params", "state", "kinds", "present", "states", "signature", "parts", "setting")
 
-    def __init__(self, opt, group: dict, names: list, kinds: dict, present: list, states: list, arrays: list,
-                 plan: Plan, pids: list, signature: list):
-        # names: each parameter's array names; kinds: {dtype: array names}, what they were made of (with the
-        # dtypes in the signature, equal kinds mean equal names, at the cost of a few comparisons)
-        self.group, self.params, self.state, self.names, self.kinds = group, group["params"], opt.state, names, kinds
+    def __init__(self, opt, group: dict, kinds: dict, present: list, states: list, arrays: list, plan: Plan,
+                 pids: list, signature: list):
+        # kinds: {dtype: array names} (``names_by_dtype``); with each parameter's dtype in the signature, equal
+        # kinds mean equal array names for every parameter, at the cost of a few comparisons
+        self.group, self.params, self.state, self.kinds = group, group["params"], opt.state, kinds
         self.present, self.states, self.signature = present, states, signature
         self.setting = kernels.backend_setting()
         # per launch: kernel, device, dtypes, tensor indices, their element counts and ids
@@ -286,9 +294,9 @@ def run_again(opt, group: dict, reuse: Reuse, params: list, grads: list, steps: 
     values. Returns the paths taken, or None (nothing stepped) when a partition has no kernel for these
     values: the caller then decides afresh. A launch that fails sends its tensors and the later ones to
     the eager path, as ``run`` does."""
-    names = reuse.names
     calls = []
     sig = reuse.signature
+    names = [reuse.kinds[s[2]] for s in sig]  # each parameter's array names, from its dtype
     for kernel, device, dtypes, idx, numels, pids in reuse.parts:
         step = steps[idx[0]]
         ptrs = [x for i in idx for x in (sig[i][0], grads[i].data_ptr(), *sig[i][5:])]

@@ -105,12 +105,6 @@ class _PerTensorOps:
         _mix_by_lerp(self, xs, pulls, keep)
 
     @staticmethod
-    def lerp_(xs, ys, weight):
-        """``x <- x + weight*(y - x)`` (torch's ``lerp_``, a number ``weight``): ``x`` exactly when ``y == x``."""
-        for x, y in zip(xs, ys):
-            x.lerp_(y, weight)
-
-    @staticmethod
     def maximum_(xs, ys):
         for x, y in zip(xs, ys):
             torch.maximum(x, y, out=x)
@@ -195,10 +189,6 @@ class _ForeachOps:
 
     def mix_(self, xs, pulls, keep=None):
         _mix_by_lerp(self, xs, pulls, keep)
-
-    @staticmethod
-    def lerp_(xs, ys, weight):
-        torch._foreach_lerp_(xs, ys, weight)
 
     @staticmethod
     def maximum_(xs, ys):

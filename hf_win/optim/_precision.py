@@ -12,8 +12,8 @@ from typing import List, Sequence
 
 import torch
 
-__all__ = ["STATE_DTYPES", "as_dtype", "state_dtype", "state_dtype_for", "state_element_size", "compute_dtype", "exact_arrays",
-           "stochastic_arrays"]
+__all__ = ["STATE_DTYPES", "as_dtype", "state_dtype", "state_dtype_for", "state_element_size", "compute_dtype",
+           "exact_arrays", "stochastic_arrays"]
 
 #: ``state_dtype`` values: None (the parameter's dtype), float32, bfloat16 (names or torch dtypes).
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -321,7 +321,7 @@ def finish(opt) -> None:
             wanted = sequence_keys(group, p.dtype)
             for k in (*DIFFERENCE_KEYS, *DIFFERENCE_KEYS.values()):
                 if k in wanted and k not in st:
-                    st[k] = opt._new_state(p, group, like=None if k in DIFFERENCE_KEYS.values() else p)
+                    st[k] = opt._new_sequence(p, group, k)
                 elif k not in wanted and k in st:
                     del st[k]
 

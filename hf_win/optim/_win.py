@@ -17,8 +17,9 @@ public code's ``lr_y/lr_x``, so ``lr == 0`` (the first step of a linear warmup) 
 
 **Where the sequences are kept.** In the state dtype as ``x`` and ``y``, except for float32 and float64
 parameters with bfloat16 state (``state_dtype="bfloat16"``): then as their differences from the
-parameter, ``x_delta = x - p`` and ``y_delta = y - p``. The sequences stay within a few steps of the parameter, so their differences are small
-numbers, and bfloat16's 8-bit relative precision becomes a tiny absolute error: a float32 parameter, which
+parameter, ``x_delta = x - p`` and ``y_delta = y - p``. The sequences stay within a few steps of the
+parameter, so their differences are small numbers, and bfloat16's 8-bit relative precision becomes a tiny
+absolute error: a float32 parameter, which
 Win rebuilds from ``x`` at every step, stays float32-precise (kept as ``x`` in bfloat16 it would be rounded
 to bfloat16 every step), at the same 2 bytes per element. The step is the same math written in differences
 (``_accelerate_differences``); the differences start at 0 (``x = p``). Not for bfloat16 (or float16)
